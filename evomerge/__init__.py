@@ -1,0 +1,3 @@
+"""evomerge: evolutionary model-merging optimization."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,21 @@
+"""The typer application and the conventions every command shares."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="evomerge",
+    help="Evolutionary model merging: search merge recipes with CMA-ES.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise (code 2: bad input)."""
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)

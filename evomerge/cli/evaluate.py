@@ -1,0 +1,3 @@
+"""Commands: evaluate."""
+
+from evomerge.cli.app import app  # noqa: F401

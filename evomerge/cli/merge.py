@@ -1,0 +1,3 @@
+"""Commands: merge."""
+
+from evomerge.cli.app import app  # noqa: F401

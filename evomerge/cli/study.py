@@ -1,0 +1,3 @@
+"""Commands: study."""
+
+from evomerge.cli.app import app  # noqa: F401

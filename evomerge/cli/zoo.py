@@ -1,0 +1,3 @@
+"""Commands: zoo."""
+
+from evomerge.cli.app import app  # noqa: F401

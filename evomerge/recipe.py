@@ -1,0 +1,159 @@
+"""The one description of a candidate merge.
+
+A `Recipe` is data, not code: building, storing, exporting, comparing and showing a candidate
+all go through it. Its JSON is lossless (floats are written with `repr` precision by the json
+module) and its hash is stable, so the same recipe always names the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Special layer groups; decoder layers are named "layers.<a>" or "layers.<a>-<b>" (inclusive).
+EMBED, NORM, LM_HEAD = "embed", "norm", "lm_head"
+
+
+def layer_group_names(num_layers: int, granularity: int = 1) -> tuple[str, ...]:
+    """Group names for a model of `num_layers` decoder layers, `granularity` layers a group."""
+    if granularity < 1:
+        raise ValueError(f"granularity must be >= 1, got {granularity}")
+    names = [EMBED]
+    for start in range(0, num_layers, granularity):
+        end = min(start + granularity, num_layers) - 1
+        names.append(f"layers.{start}" if start == end else f"layers.{start}-{end}")
+    return (*names, NORM, LM_HEAD)
+
+
+def group_of_layer(layer: int, num_layers: int, granularity: int) -> str:
+    """The group name that decoder layer `layer` belongs to."""
+    start = (layer // granularity) * granularity
+    end = min(start + granularity, num_layers) - 1
+    return f"layers.{start}" if start == end else f"layers.{start}-{end}"
+
+
+class DataFlow(BaseModel):
+    """A data-flow-space path: the layers a token passes through and the scale of each hop.
+
+    `path` holds (model index, layer index) pairs; `scales[i]` multiplies the input of hop i.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[str, ...]
+    path: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> DataFlow:
+        if not self.path:
+            raise ValueError("dataflow.path is empty")
+        if len(self.scales) != len(self.path):
+            raise ValueError(
+                f"dataflow.scales has {len(self.scales)} entries for {len(self.path)} hops"
+            )
+        for m, _ in self.path:
+            if not 0 <= m < len(self.models):
+                raise ValueError(f"dataflow.path names model {m}; only {len(self.models)} given")
+        return self
+
+
+class Recipe(BaseModel):
+    """Method, models, per-group parameters, dtype and every seed of one candidate.
+
+    `params[name][g]` is the value list of parameter `name` in layer group `groups[g]`: one
+    value per source for per-source parameters (weight, density, ...), one value for shared
+    ones (slerp's t). `options` are the method's scalar switches (normalize, lambda, ...).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    base: str | None = None
+    sources: tuple[str, ...]
+    groups: tuple[str, ...]
+    params: dict[str, tuple[tuple[float, ...], ...]] = Field(default_factory=dict)
+    options: dict[str, float | bool] = Field(default_factory=dict)
+    dtype: str = "float32"
+    seed: int = 0
+    dataflow: DataFlow | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"sources repeat a model: {list(v)}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, v: str) -> str:
+        if v not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _shapes(self) -> Recipe:
+        for name, per_group in self.params.items():
+            if len(per_group) != len(self.groups):
+                raise ValueError(
+                    f"params.{name} has {len(per_group)} groups, recipe has {len(self.groups)}"
+                )
+            for g, values in zip(self.groups, per_group, strict=True):
+                if len(values) not in (1, len(self.sources)):
+                    raise ValueError(
+                        f"params.{name}[{g}] has {len(values)} values; expected 1 or "
+                        f"{len(self.sources)} (one per source)"
+                    )
+                bad = [v for v in values if not math.isfinite(v)]
+                if bad:
+                    raise ValueError(f"params.{name}[{g}] is not finite: {bad}")
+        return self
+
+    def value(self, name: str, group: str, source: int | None = None) -> float:
+        """One parameter value; shared parameters ignore `source`."""
+        values = self.params[name][self.groups.index(group)]
+        return values[0] if len(values) == 1 or source is None else values[source]
+
+    def to_json(self) -> str:
+        """Canonical, lossless JSON (sorted keys, no spaces): the stored form."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Recipe:
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe JSON file, naming the file in the error."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file not found: {p}")
+        try:
+            return cls.from_json(p.read_text())
+        except ValueError as e:
+            raise ValueError(f"{p}: not a valid recipe: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(json.loads(self.to_json()), indent=2) + "\n")
+
+    @property
+    def hash(self) -> str:
+        """Stable short identity: sha256 of the canonical JSON."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        """Per-parameter means over groups, per source: a compact view for tables."""
+        out: dict[str, Any] = {"method": self.method, "hash": self.hash}
+        for name, per_group in self.params.items():
+            width = max(len(v) for v in per_group)
+            out[name] = [
+                round(sum(v[min(i, len(v) - 1)] for v in per_group) / len(per_group), 4)
+                for i in range(width)
+            ]
+        return out
