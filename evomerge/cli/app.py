@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 
@@ -12,6 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+# Tokenizers' thread pool and Ray's forked workers do not mix; workers need no parallel tokenizing.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 err_console = Console(stderr=True)
 
 

@@ -1,3 +1,217 @@
-"""Commands: study."""
+"""Commands that run and query studies: run, resume, status, best, export, demo."""
 
-from evomerge.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from evomerge.cli.app import app, console, fail
+from evomerge.config import ConfigError, StudyConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", envvar="EVOMERGE_STORAGE", help="SQLAlchemy URL of the study DB"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _storage_url(option: str | None, config: StudyConfig | None = None) -> str:
+    from storage import default_storage_url
+
+    return option or (config.storage if config else None) or default_storage_url()
+
+
+def _open_store(url: str):
+    from storage import Store
+
+    try:
+        store = Store(url)
+        store.migrate()
+    except Exception as e:
+        raise fail(f"cannot open storage {url}: {e}", 2) from e
+    return store
+
+
+def _drive(config: StudyConfig, store, *, new: bool) -> None:
+    """Validate, register (for a new study) and run one study with a live progress bar."""
+    from evomerge.coordinator import Coordinator, Progress as RunProgress
+    from storage import StudyBusyError
+
+    try:
+        coordinator = Coordinator(config, store)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), 2) from e
+    if new:
+        if store.get_study(config.name, missing_ok=True) is not None:
+            raise fail(f"study {config.name!r} exists; use `evomerge resume {config.name}`", 2)
+        store.create_study(
+            config.name, config.to_yaml(), optuna_study_name=config.name,
+            budget_trials=config.budget.trials,
+        )
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(config.name, total=config.budget.trials, info="starting workers")
+
+        def show(p: RunProgress) -> None:
+            best = "-" if p.best_fitness is None else f"{p.best_fitness:.4f} (#{p.best_number})"
+            bar.update(
+                task, completed=p.complete, info=f"best {best}  busy {p.busy}  fail {p.failed}"
+            )
+
+        coordinator.on_progress = show
+        try:
+            summary = coordinator.run()
+        except StudyBusyError as e:
+            raise fail(str(e), 3) from e
+    console.print(
+        f"study [bold]{summary.study}[/]: {summary.status} ({summary.reason}); "
+        f"{summary.complete} complete, {summary.failed} failed in {summary.seconds:.0f} s"
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="study config YAML")],
+    study: Annotated[str | None, typer.Option("--study", help="study name")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Start a new study from a config."""
+    try:
+        cfg = StudyConfig.load(config, name=study)
+    except ConfigError as e:
+        raise fail(str(e), 2) from e
+    store = _open_store(_storage_url(storage, cfg))
+    _drive(cfg, store, new=True)
+    _print_best(store, cfg.name, top=3)
+
+
+@app.command()
+def resume(study: str, storage: StorageOpt = None) -> None:
+    """Continue an interrupted or stopped study from its database state."""
+    store = _open_store(_storage_url(storage))
+    row = store.get_study(study, missing_ok=True)
+    if row is None:
+        raise fail(f"no study named {study!r} in {store.url}", 2)
+    cfg = StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r}")
+    _drive(cfg, store, new=False)
+    _print_best(store, study, top=3)
+
+
+@app.command()
+def status(
+    study: Annotated[str | None, typer.Argument()] = None,
+    storage: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Studies in the database, or one study's runs and counts (works during a run)."""
+    store = _open_store(_storage_url(storage))
+    rows = [r for r in store.list_studies() if study is None or r.name == study]
+    if study is not None and not rows:
+        raise fail(f"no study named {study!r} in {store.url}", 2)
+    runs = store.runs(study) if study else []
+    if as_json:
+        out = {"studies": [_plain(r) for r in rows], "runs": [_plain(r) for r in runs]}
+        console.print_json(json.dumps(out, default=str))
+        return
+    table = Table("study", "status", "trials", "best", "last activity")
+    for r in rows:
+        best = "-" if r.best_fitness is None else f"{r.best_fitness:.4f}"
+        table.add_row(r.name, r.status, f"{r.trials_done}/{r.budget_trials}", best,
+                      str(r.last_activity or "-"))
+    console.print(table)
+    if runs:
+        rt = Table("run", "status", "pid", "host", "started", "ended", "heartbeat", "exit")
+        for r in runs:
+            rt.add_row(str(r.id), r.status, str(r.pid), r.host, str(r.started_at),
+                       str(r.ended_at or "-"), str(r.heartbeat_at), r.exit_reason or "")
+        console.print(rt)
+
+
+def _plain(row: object) -> dict:
+    return row.model_dump() if hasattr(row, "model_dump") else dict(vars(row))
+
+
+def _print_best(
+    store, study: str | None, top: int, as_json: bool = False, method: str | None = None
+) -> list:
+    rows = store.best(study, top=top, method=method)
+    if as_json:
+        console.print_json(json.dumps([_plain(r) for r in rows], default=str))
+        return rows
+    from evomerge.recipe import Recipe
+
+    table = Table("study", "trial", "fitness", "held-out", "method", "recipe (means)")
+    for r in rows:
+        summary = Recipe.from_json(r.recipe_json).summary()
+        held = "-" if r.heldout is None else f"{r.heldout:.4f}"
+        params = {k: v for k, v in summary.items() if k not in ("method", "hash")}
+        table.add_row(r.study, str(r.number), f"{r.fitness:.4f}", held, summary["method"],
+                      json.dumps(params))
+    console.print(table)
+    return rows
+
+
+@app.command()
+def best(
+    study: Annotated[str | None, typer.Argument(help="a study; all studies when left out")] = None,
+    top: Annotated[int, typer.Option("--top", min=1)] = 5,
+    method: Annotated[str | None, typer.Option("--method")] = None,
+    storage: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The best recipes of a study (or across studies), by search fitness."""
+    store = _open_store(_storage_url(storage))
+    _print_best(store, study, top, as_json, method)
+
+
+@app.command("export")
+def export_trial(
+    study: str,
+    out: Annotated[Path, typer.Option("--out", help="checkpoint folder to write")],
+    trial: Annotated[int | None, typer.Option("--trial", help="default: the best")] = None,
+    mergekit_yaml: Annotated[Path | None, typer.Option("--mergekit-yaml")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Write a trial's merged model as a Hugging Face checkpoint (and mergekit YAML)."""
+    from evomerge.export import export_recipe
+    from evomerge.recipe import Recipe
+
+    store = _open_store(_storage_url(storage))
+    rows = store.best(study, top=1) if trial is None else [store.trial(study, trial)]
+    if not rows or rows[0] is None:
+        raise fail(f"study {study!r} has no {'complete trial' if trial is None else trial}", 2)
+    row = rows[0]
+    cfg = StudyConfig.from_yaml(store.get_study(study).config_yaml)
+    scores = {"search": row.metrics, "search_fitness": row.fitness,
+              "held-out": row.heldout_metrics, "held-out_fitness": row.heldout}
+    try:
+        export_recipe(Recipe.from_json(row.recipe_json), cfg, out, scores, mergekit_yaml)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), 2) from e
+    console.print(f"exported trial {row.number} of {study} to {out}")
+
+
+@app.command()
+def demo(
+    storage: StorageOpt = None,
+    study: Annotated[str | None, typer.Option("--study")] = None,
+) -> None:
+    """Build the toy zoo if missing, run the demo search, and compare with every source."""
+    from evomerge.demo import run_demo
+
+    url = _storage_url(storage)
+    run_demo(CONFIGS_DIR / "demo.yaml", _open_store(url), study, _drive)
+

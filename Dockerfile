@@ -1,0 +1,17 @@
+# One image for the coordinator, the dashboard and the Ray workers.
+# GPU nodes: build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+FROM python:3.11-slim
+ARG TORCH_SPEC="torch"
+ARG TORCH_INDEX=""
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WORKDIR /app
+RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
+    else pip install "$TORCH_SPEC"; fi
+COPY pyproject.toml README.md ./
+COPY evomerge ./evomerge
+COPY workers ./workers
+COPY storage ./storage
+COPY configs ./configs
+RUN pip install -e .
+ENTRYPOINT []
+CMD ["evomerge", "--help"]

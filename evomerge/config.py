@@ -1,0 +1,148 @@
+"""Study configuration: one validated, frozen `StudyConfig` read from YAML.
+
+Every field a user may get wrong is checked here, before anything is written: a bad config
+is a `ConfigError` whose message names the field (the CLI exits with code 2).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A study config that cannot be used; the message names the file and field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bounds(_Frozen):
+    """Search range of one merge parameter; `init` is CMA-ES's start (default: the middle)."""
+
+    low: float
+    high: float
+    init: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} is outside [{self.low}, {self.high}]")
+        return self
+
+
+class TaskRef(_Frozen):
+    """One proxy task of the fitness, with its weight in the weighted mean."""
+
+    task: str
+    weight: float = Field(1.0, gt=0)
+
+
+class FitnessConfig(_Frozen):
+    tasks: tuple[TaskRef, ...] = Field(min_length=1)
+    limit: int | None = Field(None, gt=0, description="examples per task on the search split")
+    heldout_limit: int | None = Field(None, gt=0)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _bare_names(cls, v: object) -> object:
+        """Allow `tasks: [zoo:arith, zoo:reverse]` as well as the long form."""
+        if isinstance(v, list):
+            return [{"task": t} if isinstance(t, str) else t for t in v]
+        return v
+
+
+class OptimizerConfig(_Frozen):
+    """CMA-ES settings; the defaults are the paper's (Akiba et al. 2024)."""
+
+    seed: int = 0
+    population: int | None = Field(None, ge=2, description="default 4 + floor(3 ln n)")
+    sigma0: float | None = Field(None, gt=0, description="default 1/6 of each range")
+
+
+class BudgetConfig(_Frozen):
+    trials: int = Field(100, gt=0, description="COMPLETE trials to reach")
+    wall_time_s: float | None = Field(None, gt=0)
+    target_fitness: float | None = None
+    heldout_top_k: int = Field(3, ge=0, description="best recipes re-scored on held-out data")
+    max_consecutive_failures: int = Field(20, gt=0)
+
+
+class WorkersConfig(_Frozen):
+    count: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int | None = Field(None, gt=0)
+    ray_address: str | None = None
+
+
+class StudyConfig(_Frozen):
+    """Everything one search needs. Model refs are folders or `zoo:NAME` (see `zoo`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
+    zoo: Literal["demo", "test"] | None = Field(None, description="toy zoo for zoo: refs")
+    base: str
+    sources: tuple[str, ...] = Field(min_length=1)
+    method: str
+    granularity: int = Field(1, gt=0, description="decoder layers per layer group")
+    search: dict[str, Bounds] = Field(min_length=1)
+    fixed: dict[str, float | tuple[float, ...]] = Field(default_factory=dict)
+    options: dict[str, float | bool] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = Field(0, description="seed of every random draw in a recipe (DARE masks)")
+    fitness: FitnessConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    workers: WorkersConfig = WorkersConfig()
+    storage: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources repeat a model: {list(self.sources)}")
+        both = set(self.search) & set(self.fixed)
+        if both:
+            raise ValueError(f"parameters both searched and fixed: {sorted(both)}")
+        for name, value in self.fixed.items():
+            if isinstance(value, tuple) and len(value) != len(self.sources):
+                raise ValueError(
+                    f"fixed.{name} has {len(value)} values for {len(self.sources)} sources"
+                )
+        return self
+
+    def to_yaml(self) -> str:
+        """The snapshot stored with the study (resume rebuilds the config from it)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "<config>", **overrides: object) -> StudyConfig:
+        """Parse and validate; every problem becomes one `ConfigError` naming the field."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = []
+            for err in e.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                lines.append(f"  {where}: {err['msg']}")
+            raise ConfigError(f"{source}: invalid study config\n" + "\n".join(lines)) from e
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: object) -> StudyConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return cls.from_yaml(p.read_text(), source=str(p), **overrides)

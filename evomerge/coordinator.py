@@ -1,0 +1,342 @@
+"""Drive one study: ask CMA-ES for candidates, keep every worker busy, record every trial.
+
+The coordinator uses Optuna's ask/tell (never `study.optimize`) so that it can keep all
+workers busy across generation boundaries, tell results in the order they arrive, rerun a
+trial whose worker died, and hand RUNNING trials of a dead run back to CMA-ES on resume.
+Optuna's tables are the optimizer's memory (CmaEsSampler pickles its state into trial
+attributes); evomerge's tables (`storage`) add recipes, metrics, timings and runs.
+
+Write order makes a crash at any point recoverable: a result goes to evomerge's table before
+it is told to Optuna, so a RUNNING Optuna trial whose evomerge row is finished is told on
+resume instead of rerun, and any other RUNNING trial is failed and re-asked with the same
+parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import CmaEsSampler
+from optuna.trial import FrozenTrial, TrialState
+from transformers import AutoConfig
+
+from evomerge.config import StudyConfig
+from evomerge.recipe import layer_group_names
+from evomerge.space import SearchSpace
+from storage import LeaseLostError, Store
+from workers.actor import TrialResult, WorkerSpec
+from workers.pool import Outcome, WorkerPool, connect
+
+HEARTBEAT_S = 2.0
+STALE_AFTER_S = 30.0
+MAX_WORKER_DEATHS = 3
+GENERATION_ATTR = "cma:generation"
+
+
+class KnownSpaceCmaEsSampler(CmaEsSampler):
+    """CmaEsSampler that knows the search space from the first trial.
+
+    Optuna infers the space from completed trials, so a plain CmaEsSampler samples the first
+    trials of a study at random (and, with several workers, many of them). The coordinator
+    knows the space up front, so CMA-ES proposes every trial, starting with the first.
+    """
+
+    def __init__(self, space: dict[str, BaseDistribution], **kwargs: object) -> None:
+        super().__init__(n_startup_trials=0, **kwargs)
+        self._known_space = space
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return dict(self._known_space)
+
+
+def population_size(dim: int) -> int:
+    """CMA-ES's default population, 4 + floor(3 ln n), as in the paper."""
+    return 4 + int(3 * math.log(dim))
+
+
+@dataclass
+class Progress:
+    """What a progress display needs, sent after every finished trial."""
+
+    complete: int
+    budget: int
+    failed: int
+    busy: int
+    best_fitness: float | None
+    best_number: int | None
+
+
+@dataclass
+class RunSummary:
+    study: str
+    status: str
+    reason: str
+    complete: int
+    failed: int
+    best_fitness: float | None
+    best_number: int | None
+    seconds: float
+
+
+def build_space(config: StudyConfig) -> tuple[SearchSpace, WorkerSpec]:
+    """Validate everything a run needs that can be checked without writing anything."""
+    spec = WorkerSpec.from_config(config)
+    num_layers = AutoConfig.from_pretrained(spec.base_path).num_hidden_layers
+    return SearchSpace(config, layer_group_names(num_layers, config.granularity)), spec
+
+
+def make_sampler(config: StudyConfig, space: SearchSpace) -> CmaEsSampler:
+    """The paper's CMA-ES: start at each range's init (middle by default), sigma0 1/6."""
+    kwargs: dict[str, object] = {
+        "seed": config.optimizer.seed,
+        "popsize": config.optimizer.population or population_size(space.dim),
+    }
+    if any(b.init is not None for b in config.search.values()):
+        kwargs["x0"] = space.initial_params()  # Optuna 4.9 deprecates x0; no replacement yet
+    if config.optimizer.sigma0 is not None:
+        kwargs["sigma0"] = config.optimizer.sigma0
+    return KnownSpaceCmaEsSampler(space.distributions, **kwargs)
+
+
+class Coordinator:
+    """One run of one study. Create it, then call `run()`; it always ends the run record."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        store: Store,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_progress = on_progress
+        self.space, self.spec = build_space(config)
+        self.optuna_storage = store.optuna_storage()
+        self.study = optuna.create_study(
+            study_name=config.name,
+            storage=self.optuna_storage,
+            direction="maximize",
+            sampler=make_sampler(config, self.space),
+            load_if_exists=True,
+        )
+        self._study_id = self.optuna_storage.get_study_id_from_name(config.name)
+        self._trials: dict[int, optuna.trial.Trial] = {}
+        self._deaths: dict[int, int] = {}
+        self._consecutive_failures = 0
+        self._last_error = ""
+
+    def run(self) -> RunSummary:
+        t_start = time.monotonic()
+        run_id = self.store.start_run(
+            self.config.name, os.getpid(), socket.gethostname(), STALE_AFTER_S
+        )
+        status, reason = "failed", "coordinator error"
+        lease_lost = False
+        try:
+            self.store.set_study_status(self.config.name, "running")
+            self._recover_orphans()
+            connect(self.config.workers.ray_address)
+            pool = WorkerPool(
+                self.spec,
+                self.config.workers.count,
+                num_gpus=self.config.workers.gpus_per_worker,
+                num_cpus=self.config.workers.cpus_per_worker,
+            )
+            try:
+                status, reason = self._search(pool, run_id, t_start)
+                if status == "finished":
+                    self._rescore_heldout(pool, run_id)
+            finally:
+                pool.shutdown()
+        except KeyboardInterrupt:
+            self._fail_inflight(list(self._trials), "run interrupted by the user")
+            status, reason = "stopped", "interrupted by the user"
+            raise
+        except LeaseLostError:
+            lease_lost = True  # another run owns the study now: leave its records alone
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if not lease_lost and self.store.end_run(run_id, status, reason):
+                self.store.set_study_status(self.config.name, status)
+        complete, failed, best = self._counts()
+        return RunSummary(
+            self.config.name,
+            status,
+            reason,
+            complete,
+            failed,
+            best.value if best else None,
+            best.number if best else None,
+            time.monotonic() - t_start,
+        )
+
+    def _counts(self) -> tuple[int, int, FrozenTrial | None]:
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        best = max(complete, key=lambda t: t.value) if complete else None
+        return len(complete), failed, best
+
+    def _recover_orphans(self) -> None:
+        """RUNNING trials left by a dead run: tell stored results, re-ask the rest."""
+        stored = {r.number: r for r in self.store.trials(self.config.name, state="COMPLETE")}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            row = stored.get(t.number)
+            if row is not None and row.fitness is not None:
+                self.study.tell(t.number, row.fitness)
+                continue
+            self.study.tell(t.number, state=TrialState.FAIL)
+            self.store.record_trial_finished(
+                self.config.name,
+                t.number,
+                "FAIL",
+                error="run ended before the trial finished; its parameters were re-asked",
+            )
+            self.study.enqueue_trial(t.params, skip_if_exists=False)
+
+    def _ask(self, pool: WorkerPool, run_id: int) -> None:
+        trial = self.study.ask(self.space.distributions)
+        recipe = self.space.decode(trial.params)
+        trial_id = self.optuna_storage.get_trial_id_from_study_id_trial_number(
+            self._study_id, trial.number
+        )
+        generation = self.optuna_storage.get_trial_system_attrs(trial_id).get(GENERATION_ATTR)
+        self.store.record_trial_started(
+            self.config.name, run_id, trial.number, generation, recipe, worker=None
+        )
+        self._trials[trial.number] = trial
+        pool.submit(trial.number, recipe.to_json())
+
+    def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
+        budget = self.config.budget
+        name = self.config.name
+        last_beat = 0.0
+        stopping: str | None = None
+        complete, failed, best = self._counts()
+        while True:
+            if time.monotonic() - last_beat > HEARTBEAT_S:
+                self.store.heartbeat(run_id)
+                last_beat = time.monotonic()
+                request = self.store.stop_request(name)
+                if request == "cancel":
+                    self._fail_inflight(pool.cancel(), "cancelled; re-asked on resume")
+                    self.store.clear_stop_request(name)
+                    return "stopped", "cancel requested"
+                if request == "stop" and stopping is None:
+                    stopping = "stop requested"
+            if stopping is None:
+                stopping = self._budget_reason(complete, best, t_start)
+            while stopping is None and pool.idle and complete + pool.busy < budget.trials:
+                self._ask(pool, run_id)
+            if not pool.busy:
+                if stopping == "stop requested":
+                    self.store.clear_stop_request(name)
+                    return "stopped", stopping
+                return "finished", stopping or "budget reached"
+            for outcome in pool.wait(timeout=0.5):
+                self._finish(outcome, pool)
+            complete, failed, best = self._counts()
+            if self._consecutive_failures >= budget.max_consecutive_failures:
+                self._fail_inflight(pool.cancel(), "study stopped after repeated failures")
+                return "failed", (
+                    f"{self._consecutive_failures} candidates failed in a row; "
+                    f"last error: {self._last_error}"
+                )
+            if self.on_progress:
+                self.on_progress(
+                    Progress(
+                        complete,
+                        budget.trials,
+                        failed,
+                        pool.busy,
+                        best.value if best else None,
+                        best.number if best else None,
+                    )
+                )
+
+    def _budget_reason(self, complete: int, best: FrozenTrial | None, t_start: float) -> str | None:
+        budget = self.config.budget
+        if complete >= budget.trials:
+            return "budget reached"
+        if budget.wall_time_s is not None and time.monotonic() - t_start > budget.wall_time_s:
+            return "wall time reached"
+        if budget.target_fitness is not None and best and best.value >= budget.target_fitness:
+            return "target fitness reached"
+        return None
+
+    def _finish(self, outcome: Outcome, pool: WorkerPool) -> None:
+        number = int(outcome.key)
+        result = outcome.result
+        if result is None:
+            self._deaths[number] = self._deaths.get(number, 0) + 1
+            if self._deaths[number] < MAX_WORKER_DEATHS:
+                pool.submit(number, outcome.recipe_json)  # same parameters, same generation
+                return
+            result = TrialResult(error=f"worker died {MAX_WORKER_DEATHS} times on this trial")
+        state = "COMPLETE" if result.error is None else "FAIL"
+        self.store.record_trial_finished(
+            self.config.name,
+            number,
+            state,
+            metrics=result.metrics,
+            fitness=result.fitness,
+            build_seconds=result.build_seconds,
+            eval_seconds=result.eval_seconds,
+            worker=result.worker,
+            error=result.error,
+        )
+        trial = self._trials.pop(number)
+        if result.error is None:
+            self.study.tell(trial, result.fitness)
+            self._consecutive_failures = 0
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._consecutive_failures += 1
+            self._last_error = result.error
+
+    def _fail_inflight(self, numbers: list, error: str) -> None:
+        """Fail abandoned trials now and queue their parameters for the next run."""
+        for number in numbers:
+            trial = self._trials.pop(int(number), None)
+            if trial is None:
+                continue
+            self.store.record_trial_finished(self.config.name, trial.number, "FAIL", error=error)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, skip_if_exists=False)
+
+    def _rescore_heldout(self, pool: WorkerPool, run_id: int) -> None:
+        """Score the top-k recipes on the held-out split: the search split is overfitted."""
+        k = self.config.budget.heldout_top_k
+        pending = [r for r in self.store.best(self.config.name, top=k) if r.heldout is None]
+        while pending or pool.busy:
+            while pending and pool.idle:
+                row = pending.pop()
+                pool.submit(row.number, row.recipe_json, split="held-out")
+            for outcome in pool.wait(timeout=0.5):
+                result = outcome.result
+                if result is None:
+                    pool.submit(outcome.key, outcome.recipe_json, split="held-out")
+                elif result.error is None:
+                    self.store.record_heldout(
+                        self.config.name, int(outcome.key), result.metrics, result.fitness
+                    )
+            self.store.heartbeat(run_id)
+
+
+def open_config_for_resume(store: Store, study: str) -> StudyConfig:
+    """The config a study was started with, from its stored snapshot."""
+    row = store.get_study(study)
+    return StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r} (stored config)")

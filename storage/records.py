@@ -1,0 +1,73 @@
+"""What the store returns: frozen plain dataclasses, safe to pass between threads/processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    name: str
+    optuna_study_name: str
+    config_yaml: str
+    budget_trials: int | None
+    status: str
+    stop_request: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One line of a study list: what a dashboard shows without loading any trial."""
+
+    name: str
+    optuna_study_name: str
+    status: str
+    budget_trials: int | None
+    trials_done: int
+    trials_running: int
+    best_fitness: float | None
+    stop_request: str | None
+    created_at: datetime
+    last_activity: datetime
+    last_heartbeat: datetime | None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    study: str
+    pid: int
+    host: str
+    status: str
+    started_at: datetime
+    heartbeat_at: datetime
+    ended_at: datetime | None
+    exit_reason: str | None
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial; `recipe_json` is `Recipe.to_json()` (load it with `Recipe.from_json`)."""
+
+    study: str
+    number: int
+    state: str
+    attempts: int
+    generation: int | None
+    method: str
+    recipe_json: str
+    recipe_hash: str
+    metrics: dict[str, float | None] | None
+    fitness: float | None
+    heldout_metrics: dict[str, float | None] | None
+    heldout: float | None
+    build_seconds: float | None
+    eval_seconds: float | None
+    worker: str | None
+    error: str | None
+    run_id: int | None
+    started_at: datetime
+    finished_at: datetime | None

@@ -1,0 +1,62 @@
+"""StudyConfig: defaults, validation errors that name the field, the stored snapshot."""
+
+from pathlib import Path
+
+import pytest
+
+from evomerge.config import ConfigError, StudyConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+MINIMAL = """
+name: t1
+base: zoo:base
+sources: [zoo:a, zoo:b]
+method: task_arithmetic
+search: {weight: {low: 0, high: 1}}
+fitness: {tasks: [zoo:arith]}
+"""
+
+
+def test_minimal_config_gets_the_papers_defaults():
+    cfg = StudyConfig.from_yaml(MINIMAL)
+    assert cfg.granularity == 1
+    assert cfg.optimizer.population is None  # 4 + floor(3 ln n) once n is known
+    assert cfg.fitness.tasks[0].task == "zoo:arith" and cfg.fitness.tasks[0].weight == 1.0
+    assert cfg.budget.trials == 100 and cfg.workers.count == 1
+
+
+def test_snapshot_round_trips():
+    cfg = StudyConfig.from_yaml(MINIMAL)
+    assert StudyConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ("granularity: 0", "granularity"),
+        ("search: {weight: {low: 1, high: 0}}", "search.weight"),
+        ("budget: {trials: -3}", "budget.trials"),
+        ("workers: {count: two}", "workers.count"),
+        ("sources: [zoo:a, zoo:a]", "sources repeat"),
+        ("colour: blue", "colour"),
+        ("name: 'bad name!'", "name"),
+    ],
+)
+def test_bad_fields_are_named(patch, field):
+    text = MINIMAL + patch + "\n"
+    with pytest.raises(ConfigError) as e:
+        StudyConfig.from_yaml(text, source="cfg.yaml")
+    assert field in str(e.value) and "cfg.yaml" in str(e.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        StudyConfig.from_yaml("name: [unclosed")
+    with pytest.raises(ConfigError, match="not found"):
+        StudyConfig.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    StudyConfig.load(path)
