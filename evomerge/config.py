@@ -83,6 +83,19 @@ class WorkersConfig(_Frozen):
     ray_address: str | None = None
 
 
+class HeartbeatConfig(_Frozen):
+    """A run writes a heartbeat every `interval_s`; one silent for `stale_after_s` is dead."""
+
+    interval_s: float = Field(2.0, gt=0)
+    stale_after_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HeartbeatConfig:
+        if self.stale_after_s <= self.interval_s:
+            raise ValueError("stale_after_s must exceed interval_s")
+        return self
+
+
 class StudyConfig(_Frozen):
     """Everything one search needs. Model refs are folders or `zoo:NAME` (see `zoo`)."""
 
@@ -101,6 +114,7 @@ class StudyConfig(_Frozen):
     optimizer: OptimizerConfig = OptimizerConfig()
     budget: BudgetConfig = BudgetConfig()
     workers: WorkersConfig = WorkersConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
     storage: str | None = None
 
     @model_validator(mode="after")
@@ -142,7 +156,22 @@ class StudyConfig(_Frozen):
 
     @classmethod
     def load(cls, path: str | Path, **overrides: object) -> StudyConfig:
+        """Read a config file; relative model and task paths are relative to the file."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        return cls.from_yaml(p.read_text(), source=str(p), **overrides)
+        cfg = cls.from_yaml(p.read_text(), source=str(p), **overrides)
+
+        def anchored(ref: str) -> str:
+            if ref.startswith("zoo:") or Path(ref).is_absolute():
+                return ref
+            return str((p.parent / ref).resolve())
+
+        tasks = tuple(t.model_copy(update={"task": anchored(t.task)}) for t in cfg.fitness.tasks)
+        return cfg.model_copy(
+            update={
+                "base": anchored(cfg.base),
+                "sources": tuple(anchored(s) for s in cfg.sources),
+                "fitness": cfg.fitness.model_copy(update={"tasks": tasks}),
+            }
+        )

@@ -31,11 +31,9 @@ from evomerge.config import StudyConfig
 from evomerge.recipe import layer_group_names
 from evomerge.space import SearchSpace
 from storage import LeaseLostError, Store
-from workers.actor import TrialResult, WorkerSpec
+from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, connect
 
-HEARTBEAT_S = 2.0
-STALE_AFTER_S = 30.0
 MAX_WORKER_DEATHS = 3
 GENERATION_ATTR = "cma:generation"
 
@@ -116,8 +114,10 @@ class Coordinator:
         store: Store,
         *,
         on_progress: Callable[[Progress], None] | None = None,
+        worker_cls: type[CandidateWorker] = CandidateWorker,
     ) -> None:
         self.config = config
+        self.worker_cls = worker_cls
         self.store = store
         self.on_progress = on_progress
         self.space, self.spec = build_space(config)
@@ -138,7 +138,7 @@ class Coordinator:
     def run(self) -> RunSummary:
         t_start = time.monotonic()
         run_id = self.store.start_run(
-            self.config.name, os.getpid(), socket.gethostname(), STALE_AFTER_S
+            self.config.name, os.getpid(), socket.gethostname(), self.config.heartbeat.stale_after_s
         )
         status, reason = "failed", "coordinator error"
         lease_lost = False
@@ -151,6 +151,7 @@ class Coordinator:
                 self.config.workers.count,
                 num_gpus=self.config.workers.gpus_per_worker,
                 num_cpus=self.config.workers.cpus_per_worker,
+                worker_cls=self.worker_cls,
             )
             try:
                 status, reason = self._search(pool, run_id, t_start)
@@ -227,7 +228,7 @@ class Coordinator:
         stopping: str | None = None
         complete, failed, best = self._counts()
         while True:
-            if time.monotonic() - last_beat > HEARTBEAT_S:
+            if time.monotonic() - last_beat > self.config.heartbeat.interval_s:
                 self.store.heartbeat(run_id)
                 last_beat = time.monotonic()
                 request = self.store.stop_request(name)

@@ -57,8 +57,9 @@ class WorkerPool:
         num_gpus: float = 0,
         num_cpus: float = 1,
         max_restarts: int = 3,
+        worker_cls: type[CandidateWorker] = CandidateWorker,
     ) -> None:
-        actor_cls = ray.remote(CandidateWorker).options(
+        actor_cls = ray.remote(worker_cls).options(
             num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0
         )
         self.actors = [actor_cls.remote(spec) for _ in range(count)]

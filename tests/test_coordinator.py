@@ -1,0 +1,220 @@
+"""The search service end to end: real zoo, real merges, real Ray workers, real databases."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from evomerge.config import StudyConfig
+from evomerge.coordinator import GENERATION_ATTR, Coordinator
+from evomerge.recipe import Recipe
+from storage import Store
+from workers.actor import CandidateWorker, TrialResult
+
+CONFIG = """
+name: {name}
+zoo: test
+base: zoo:base
+sources: [zoo:add, zoo:reverse]
+method: task_arithmetic
+granularity: 2
+search: {{weight: {{low: 0, high: 1}}}}
+fitness: {{tasks: [zoo:add, zoo:reverse], limit: 24, heldout_limit: 24}}
+optimizer: {{population: 4}}
+budget: {{trials: {trials}, heldout_top_k: 2}}
+workers: {{count: 2, cpus_per_worker: 0.5, torch_threads: 1}}
+heartbeat: {{interval_s: 0.5, stale_after_s: 3}}
+"""
+
+
+def make_config(name: str, trials: int = 8) -> StudyConfig:
+    return StudyConfig.from_yaml(CONFIG.format(name=name, trials=trials))
+
+
+def register(store: Store, cfg: StudyConfig) -> None:
+    store.create_study(cfg.name, cfg.to_yaml(), optuna_study_name=cfg.name,
+                       budget_trials=cfg.budget.trials)
+
+
+def generations(store: Store, name: str) -> list[int]:
+    study = optuna.load_study(study_name=name, storage=store.optuna_storage())
+    return [t.system_attrs.get(GENERATION_ATTR, -1) for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from workers.pool import connect
+
+    connect(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_search_runs_records_and_rescores(zoo_dir, ray_local, store):
+    cfg = make_config("e2e")
+    register(store, cfg)
+    summary = Coordinator(cfg, store).run()
+    assert summary.status == "finished" and summary.complete == cfg.budget.trials
+    rows = store.trials(cfg.name)
+    assert [r.number for r in rows] == list(range(len(rows)))
+    done = [r for r in rows if r.state == "COMPLETE"]
+    assert len(done) == cfg.budget.trials
+    assert all(set(r.metrics) == {"add", "reverse"} and r.build_seconds > 0 for r in done)
+    # every trial was proposed by CMA-ES, none by the random start-up sampler
+    assert all(g >= 0 for g in generations(store, cfg.name))
+    best = store.best(cfg.name, top=2)
+    assert all(r.heldout is not None for r in best)
+    recipe = Recipe.from_json(best[0].recipe_json)
+    assert recipe.sources == cfg.sources and recipe.method == "task_arithmetic"
+    assert optuna.load_study(study_name=cfg.name, storage=store.optuna_storage()).best_value == \
+        pytest.approx(max(r.fitness for r in done))
+
+
+class DiesOnceWorker(CandidateWorker):
+    """Its process exits in the middle of its first evaluation (a real crash, once)."""
+
+    def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
+        marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().evaluate(recipe_json, split)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'study.db'}")
+    store.migrate()
+    return store
+
+
+def test_worker_death_reruns_the_trial(zoo_dir, ray_local, sqlite_store, tmp_path, monkeypatch):
+    import ray
+
+    store = sqlite_store
+    marker = tmp_path / "died"
+    ray.shutdown()
+    monkeypatch.setenv("EVOMERGE_TEST_MARKER", str(marker))
+    from workers.pool import connect
+
+    connect(None, num_cpus=2)
+    cfg = make_config("dies", trials=4)
+    register(store, cfg)
+    summary = Coordinator(cfg, store, worker_cls=DiesOnceWorker).run()
+    assert marker.exists(), "the worker never died"
+    assert summary.complete == 4 and summary.failed == 0
+    rows = store.trials(cfg.name)
+    assert len(rows) == 4 and max(r.attempts for r in rows) == 1
+
+
+class NaNOnOddTrialsWorker(CandidateWorker):
+    """Builds the real candidate, then poisons one weight on every other call."""
+
+    calls = 0
+
+    def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
+        type(self).calls += 1
+        if type(self).calls % 2:
+            return super().evaluate(recipe_json, split)
+        with torch.no_grad():
+            self.model.get_input_embeddings().weight[0, 0] = float("nan")
+            result = TrialResult(worker=self.name)
+            score = self._evaluators[split].score(self.model, self.sources.tokenizer)
+        result.error = f"non-finite fitness {score.fitness}"
+        return result
+
+
+def test_nan_candidate_is_a_failure_and_the_search_goes_on(zoo_dir, ray_local, sqlite_store):
+    store = sqlite_store
+    cfg = make_config("nan", trials=4)
+    register(store, cfg)
+    summary = Coordinator(cfg, store, worker_cls=NaNOnOddTrialsWorker).run()
+    assert summary.status == "finished" and summary.complete == 4 and summary.failed >= 1
+    failed = store.trials(cfg.name, state="FAIL")
+    assert failed and all("non-finite" in r.error and r.fitness is None for r in failed)
+
+
+def _evomerge(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_resume_after_sigkill(zoo_dir, backend, tmp_path, request):
+    """SIGKILL the coordinator three times at random moments; resume; nothing lost."""
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else \
+        f"sqlite:///{tmp_path / 'kill.db'}"
+    budget = 14
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(CONFIG.format(name="killed", trials=budget))
+    env = {**os.environ, "EVOMERGE_STORAGE": url}
+    rng = random.Random(7)
+    store = Store(url)
+    store.migrate()
+    proc = _evomerge("run", str(cfg_path), env=env)
+    gens_seen = []
+    for _ in range(3):
+        time.sleep(rng.uniform(12, 25))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gens_seen.append(max(generations(store, "killed"), default=-1))
+        time.sleep(3.5)  # the dead run's heartbeat goes stale
+        proc = _evomerge("resume", "killed", env=env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    study = optuna.load_study(study_name="killed", storage=store.optuna_storage())
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == budget
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    rows = store.trials("killed")
+    assert {r.number for r in rows} == set(numbers)
+    assert len(store.runs("killed")) == 4
+    # CMA-ES kept counting generations across runs instead of restarting from its mean
+    final = max(generations(store, "killed"))
+    assert final >= max(gens_seen) and final >= 2
+
+
+def test_second_coordinator_is_refused_then_resume_takes_over(zoo_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(CONFIG.format(name="two", trials=40))
+    env = {**os.environ, "EVOMERGE_STORAGE": url}
+    first = _evomerge("run", str(cfg_path), env=env)
+    store = Store(url)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        store.migrate()
+        if store.get_study("two", missing_ok=True) and store.runs("two"):
+            break
+        time.sleep(0.5)
+    second = _evomerge("resume", "two", env=env)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 3 and "running" in out.lower()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(3.5)
+    third = _evomerge("resume", "two", env=env)
+    while len(store.runs("two")) < 2:
+        time.sleep(0.2)
+    store.request_stop("two", "stop")
+    out, _ = third.communicate(timeout=300)
+    assert third.returncode == 0, out
+    runs = store.runs("two")
+    assert [r.status for r in runs][-1] == "stopped" and len(runs) == 2
