@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench zoo clean
+.PHONY: demo test test-all lint bench zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,9 @@ demo: $(STAMP)
 	$(BIN)/evomerge demo
 
 test: $(STAMP)
-	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -26,7 +28,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.coordinator
+	$(BIN)/python -m benchmarks.merge_build --small
 
 zoo: $(STAMP)
 	$(BIN)/evomerge zoo build

@@ -65,7 +65,8 @@ def test_search_runs_records_and_rescores(zoo_dir, ray_local, store):
     cfg = make_config("e2e")
     register(store, cfg)
     summary = Coordinator(cfg, store).run()
-    assert summary.status == "finished" and summary.complete == cfg.budget.trials
+    assert summary.status == "finished", summary.reason
+    assert summary.complete == cfg.budget.trials
     rows = store.trials(cfg.name)
     assert [r.number for r in rows] == list(range(len(rows)))
     done = [r for r in rows if r.state == "COMPLETE"]
@@ -99,6 +100,7 @@ def sqlite_store(tmp_path) -> Store:
     return store
 
 
+@pytest.mark.slow
 def test_worker_death_reruns_the_trial(zoo_dir, ray_local, sqlite_store, tmp_path, monkeypatch):
     import ray
 
@@ -113,8 +115,8 @@ def test_worker_death_reruns_the_trial(zoo_dir, ray_local, sqlite_store, tmp_pat
     register(store, cfg)
     summary = Coordinator(cfg, store, worker_cls=DiesOnceWorker).run()
     assert marker.exists(), "the worker never died"
-    assert summary.complete == 4 and summary.failed == 0
     rows = store.trials(cfg.name)
+    assert summary.complete == 4 and summary.failed == 0, [r.error for r in rows]
     assert len(rows) == 4 and max(r.attempts for r in rows) == 1
 
 
@@ -135,6 +137,7 @@ class NaNOnOddTrialsWorker(CandidateWorker):
         return result
 
 
+@pytest.mark.slow
 def test_nan_candidate_is_a_failure_and_the_search_goes_on(zoo_dir, ray_local, sqlite_store):
     store = sqlite_store
     cfg = make_config("nan", trials=4)
@@ -191,6 +194,7 @@ def test_resume_after_sigkill(zoo_dir, backend, tmp_path, request):
     assert final >= max(gens_seen) and final >= 2
 
 
+@pytest.mark.slow
 def test_second_coordinator_is_refused_then_resume_takes_over(zoo_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'two.db'}"
     cfg_path = tmp_path / "study.yaml"

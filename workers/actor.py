@@ -82,7 +82,8 @@ class CandidateWorker:
         self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.sources = SourceSet.load(
-            spec.base_path, spec.source_paths, names=spec.sources, device=device
+            spec.base_path, spec.source_paths, names=spec.sources, base_name=spec.base,
+            device=device,
         )
         self.model = self.sources.new_model(spec.dtype)
         zoo_dir = Path(spec.zoo_dir) if spec.zoo_dir else None

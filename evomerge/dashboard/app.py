@@ -1,0 +1,87 @@
+"""The dashboard's FastAPI application: server-rendered pages over one study database."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import platformdirs
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+
+from evomerge.cli.study import CONFIGS_DIR
+from evomerge.config import HeartbeatConfig
+from evomerge.dashboard import best, studies, trials
+from evomerge.dashboard.context import HERE, Context, make_templates
+from evomerge.dashboard.guard import Guard
+from evomerge.dashboard.launch import Launcher
+from evomerge.dashboard.paths import PathRefused
+from evomerge.dashboard.queries import Queries
+from storage import StorageError, Store, UnknownStudyError, UnknownTrialError
+from storage.db import make_engine
+
+MAX_BODY_BYTES = 1 << 20
+
+
+def create_app(
+    storage_url: str,
+    *,
+    token: str | None = None,
+    model_roots: tuple[Path, ...] = (),
+    export_dir: Path = Path("exports"),
+    configs_dir: Path = CONFIGS_DIR,
+    run_dir: Path | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The dashboard on `storage_url`.
+
+    `token`: required on every request (always set it when binding beyond loopback).
+    `model_roots`: folders a study started here may take models and task files from.
+    `export_dir`: where checkpoints are exported. `configs_dir`: the configs offered on the
+    New-study page. `run_dir`: logs and config snapshots of the commands started here.
+    """
+    store = Store(storage_url)
+    store.migrate()
+    app = FastAPI(title="evomerge dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = Context(
+        store=store,
+        queries=Queries(make_engine(storage_url)),
+        launcher=Launcher(
+            storage_url, run_dir or platformdirs.user_state_path("evomerge") / "runs"
+        ),
+        templates=make_templates(),
+        model_roots=tuple(Path(r).resolve() for r in model_roots),
+        export_dir=Path(export_dir).resolve(),
+        configs_dir=Path(configs_dir).resolve(),
+        # A `running` study whose run has been silent this long is shown as interrupted.
+        stale_after_s=HeartbeatConfig().stale_after_s,
+    )
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    for module in (studies, trials, best):
+        app.include_router(module.router)
+    app.add_middleware(Guard, token=token, max_body=max_body_bytes)
+    for error, status in (
+        (UnknownStudyError, 404),
+        (UnknownTrialError, 404),
+        (PathRefused, 400),
+        (RequestValidationError, 400),
+        (StorageError, 503),
+    ):
+        app.add_exception_handler(error, _error_page(status))
+    return app
+
+
+def _error_page(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """An exception handler that answers with the error page and `status`."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        ctx: Context = request.app.state.ctx
+        if isinstance(exc, RequestValidationError):
+            message = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+        else:
+            message = str(exc)
+        return ctx.render(request, "error.html", status, status=status, message=message)
+
+    return handler

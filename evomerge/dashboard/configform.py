@@ -1,0 +1,107 @@
+"""The New-study form: a pasted YAML config checked into errors that point at their field.
+
+`StudyConfig.from_yaml` is the one validator; its `ConfigError` keeps the pydantic or YAML
+error as its cause, which gives each problem a field path, and the composed YAML node tree
+turns that path into the line to show it at.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.config import ConfigError, StudyConfig
+from evomerge.dashboard.paths import NAME, refused_refs
+from evomerge.recipe import layer_group_names
+
+# "search.weight: message": a SearchSpace error that starts with the field it is about.
+FIELD_PREFIX = re.compile(r"^([\w./]+): (.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+    line: int | None  # 1-based line of the YAML text, when the field is in it
+
+
+def field_line(text: str, path: Sequence[str | int]) -> int | None:
+    """Line of the deepest node of `path` present in the YAML `text` (1-based)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                break
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _errors(text: str, error: ConfigError) -> list[FieldError]:
+    cause = error.__cause__
+    if isinstance(cause, ValidationError):
+        return [
+            FieldError(
+                ".".join(str(p) for p in e["loc"]) or "(top level)",
+                e["msg"],
+                field_line(text, e["loc"]),
+            )
+            for e in cause.errors()
+        ]
+    if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+        return [FieldError("(yaml)", str(cause.problem), cause.problem_mark.line + 1)]
+    return [FieldError("(top level)", str(error).split(": ", 1)[-1], None)]
+
+
+def check_config(
+    text: str, name: str, model_roots: tuple[Path, ...]
+) -> tuple[StudyConfig | None, list[FieldError]]:
+    """The validated config (study name `name` when given), or the errors at their fields."""
+    try:
+        config = StudyConfig.from_yaml(text, source="config", name=name.strip() or None)
+    except ConfigError as e:
+        return None, _errors(text, e)
+    refused = refused_refs(config, model_roots)
+    if not NAME.fullmatch(config.name):
+        refused["name"] = "a study started here needs a name that starts with a letter or digit"
+    refused |= _space_errors(config)
+    errors = [
+        FieldError(field, reason, field_line(text, _path(field)))
+        for field, reason in refused.items()
+    ]
+    return (None, errors) if errors else (config, [])
+
+
+def _space_errors(config: StudyConfig) -> dict[str, str]:
+    """What the search space refuses: an unknown method, or parameters it does not have.
+
+    Imported here: the merge methods load torch, which only this check needs.
+    """
+    from evomerge.space import SearchSpace
+
+    try:
+        SearchSpace(config, layer_group_names(1))
+    except ValueError as e:
+        m = FIELD_PREFIX.match(str(e))
+        return {m.group(1): m.group(2)} if m else {"method": str(e)}
+    return {}
+
+
+def _path(field: str) -> list[str | int]:
+    return [int(p) if p.isdigit() else p for p in field.split(".")]

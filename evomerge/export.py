@@ -1,0 +1,231 @@
+"""Export a recipe: a Hugging Face checkpoint folder, the equivalent mergekit config, a card.
+
+The checkpoint is built by the same `build` a worker runs, so the exported model is the
+model the trial scored, bit for bit. It is written to a temporary folder beside `out_dir`
+and renamed into place at the end: an error leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, GenerationConfig
+
+from evomerge.merge import build, get_method
+from evomerge.merge.build import group_parts, group_values, method_options
+from evomerge.merge.spec import BasePolicy
+from evomerge.models import SourceSet, architecture, has_tokenizer
+from evomerge.recipe import EMBED, LM_HEAD, NORM, Recipe
+
+
+def _layer_runs(group_of: dict[str | int, int], num_layers: int) -> list[tuple[int, int, int]]:
+    """(first layer, last layer + 1, group index) of each run of layers sharing a group."""
+    runs: list[tuple[int, int, int]] = []
+    for layer in range(num_layers):
+        g = group_of[layer]
+        if runs and runs[-1][2] == g:
+            runs[-1] = (runs[-1][0], layer + 1, g)
+        else:
+            runs.append((layer, layer + 1, g))
+    return runs
+
+
+def _setting(layer_value: float, special: list[tuple[str, float]]):
+    """A mergekit parameter setting: the layer value, with filters for special tensors."""
+    if all(v == layer_value for _, v in special):
+        return layer_value
+    return [{"filter": name, "value": v} for name, v in special] + [{"value": layer_value}]
+
+
+def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
+    """The mergekit config (one slice per layer group, filters for the special groups)."""
+    method = get_method(recipe.method)
+    missing = [n for n in (recipe.base, *recipe.sources) if n is not None and n not in source_paths]
+    if missing:
+        raise ValueError(f"source_paths: no path for {missing}")
+    anchor = source_paths[recipe.base if recipe.base is not None else recipe.sources[0]]
+    config = AutoConfig.from_pretrained(anchor)
+    arch = architecture(config)
+    num_layers = int(getattr(config, arch.num_layers_key))
+    group_of = group_parts(recipe.groups, num_layers)
+    options = method_options(recipe, method)
+    values = group_values(recipe, method, options)
+    runs = _layer_runs(group_of, num_layers)
+
+    def setting(name: str, i: int, g: int, specials: tuple[str, ...]):
+        pairs = [(t, values[group_of[s]][name][i]) for s in specials for t in arch.special[s]]
+        return _setting(values[g][name][i], pairs)
+
+    slices = []
+    for j, (first, stop, g) in enumerate(runs):
+        specials = ((EMBED,) if j == 0 else ()) + ((NORM, LM_HEAD) if j == len(runs) - 1 else ())
+        members = []
+        if method.base_policy is BasePolicy.ENDPOINT:
+            members.append({"model": str(source_paths[recipe.base]), "layer_range": [first, stop]})
+        for i, name in enumerate(recipe.sources):
+            member = {"model": str(source_paths[name]), "layer_range": [first, stop]}
+            per_source = {
+                p.name: setting(p.name, i, g, specials) for p in method.params if p.per_source
+            }
+            if per_source:
+                member["parameters"] = per_source
+            members.append(member)
+        if method.base_policy is BasePolicy.TASK_VECTORS:
+            members.append({"model": str(source_paths[recipe.base]), "layer_range": [first, stop]})
+        out_slice: dict = {"sources": members}
+        shared = {
+            p.name: setting(p.name, 0, g, specials) for p in method.params if not p.per_source
+        }
+        if shared:
+            out_slice["parameters"] = shared
+        slices.append(out_slice)
+
+    cfg: dict = {"merge_method": method.name}
+    if method.base_policy is not BasePolicy.IGNORED:
+        cfg["base_model"] = str(source_paths[recipe.base])
+    cfg["slices"] = slices
+    if options:
+        cfg["parameters"] = options
+    cfg["dtype"] = "float32"
+    cfg["out_dtype"] = recipe.dtype
+    return cfg
+
+
+def mergekit_yaml(recipe: Recipe, source_paths: dict[str, str]) -> str:
+    """mergekit's YAML for `recipe`; random methods differ by their random draws only."""
+    return yaml.safe_dump(
+        mergekit_config(recipe, source_paths), sort_keys=False, default_flow_style=None
+    )
+
+
+def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, scores) -> str:
+    """README.md: method, sources, every parameter per group, options, scores, reproduction."""
+    method = get_method(recipe.method)
+    options = method_options(recipe, method)
+    values = group_values(recipe, method, options)
+    lines = [
+        f"# evomerge {recipe.method} merge `{recipe.hash}`",
+        "",
+        f"Merged with evomerge using **{recipe.method}** (mergekit semantics), "
+        f"dtype {recipe.dtype}, seed {recipe.seed}.",
+        "",
+        "## Models",
+        "",
+    ]
+    if recipe.base is not None:
+        lines.append(f"- base: `{recipe.base}` ({source_paths.get(recipe.base, '?')})")
+    lines += [f"- source: `{s}` ({source_paths.get(s, '?')})" for s in recipe.sources]
+    lines += ["", "## Parameters", ""]
+    if method.params:
+        lines.append("| group | parameter | " + " | ".join(f"`{s}`" for s in recipe.sources) + " |")
+        lines.append("|---" * (len(recipe.sources) + 2) + "|")
+        for group, row in zip(recipe.groups, values, strict=True):
+            for name, vals in row.items():
+                cells = [f"{v:g}" for v in vals] if len(vals) > 1 else [f"{vals[0]:g} (shared)"]
+                lines.append(f"| {group} | {name} | " + " | ".join(cells) + " |")
+    else:
+        lines.append(f"{recipe.method} has no numeric parameters.")
+    if options:
+        lines += ["", "Options: " + ", ".join(f"`{k}` = {v}" for k, v in options.items())]
+    lines += ["", "## Scores", ""]
+    if scores:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in scores.items()
+        ]
+    else:
+        lines.append("No scores recorded.")
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "`evomerge merge recipe.json --out DIR` rebuilds this folder bit for bit; the "
+        "equivalent mergekit config (`mergekit_config.yml`):",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_checkpoint(
+    recipe: Recipe, sources: SourceSet, out_dir: str | Path, scores: dict | None = None
+) -> Path:
+    """Build `recipe` and write it to `out_dir` as a Hugging Face checkpoint folder.
+
+    The folder holds safetensors weights, config, generation config, the base tokenizer,
+    recipe.json, mergekit_config.yml and a README model card.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    paths = {name: str(p) for name, p in sources.paths.items()}
+    config_yaml = mergekit_yaml(recipe, paths)  # validates the recipe before any work
+    model = sources.new_model(recipe.dtype)
+    build(recipe, sources, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        base_dir = sources.paths[sources.base_name]
+        if (base_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(base_dir)
+        model.save_pretrained(tmp)
+        if has_tokenizer(base_dir):
+            sources.tokenizer.save_pretrained(tmp)
+        recipe.save(tmp / "recipe.json")
+        (tmp / "mergekit_config.yml").write_text(config_yaml)
+        (tmp / "README.md").write_text(model_card(recipe, paths, config_yaml, scores))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_recipe_sources(
+    recipe: Recipe, zoo_dir: Path | None = None, device: str | torch.device = "cpu"
+) -> SourceSet:
+    """Load exactly the models a recipe names (folders or `zoo:` refs), its base (else its
+    first source) as the SourceSet base."""
+    from evomerge.zoo import resolve_model
+
+    base = recipe.base if recipe.base is not None else recipe.sources[0]
+    others = [s for s in recipe.sources if s != base]
+    return SourceSet.load(
+        resolve_model(base, zoo_dir),
+        [resolve_model(s, zoo_dir) for s in others],
+        names=others,
+        base_name=base,
+        device=device,
+    )
+
+
+def export_recipe(
+    recipe: Recipe,
+    config=None,
+    out_dir: str | Path = ".",
+    scores: dict | None = None,
+    mergekit_yaml_path: str | Path | None = None,
+    *,
+    zoo_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Load the recipe's models and export it; `config` (a StudyConfig) names its toy zoo."""
+    if zoo_dir is None and config is not None and config.zoo:
+        from evomerge.zoo import default_zoo_dir
+
+        zoo_dir = Path(default_zoo_dir(config.zoo))
+    sources = load_recipe_sources(recipe, zoo_dir, device)
+    out = export_checkpoint(recipe, sources, out_dir, scores)
+    if mergekit_yaml_path is not None:
+        Path(mergekit_yaml_path).write_text((out / "mergekit_config.yml").read_text())
+    return out

@@ -1,0 +1,173 @@
+"""Tensor kernels the methods share: weighted sums, exact top-k selection, keyed random bits.
+
+Everything is exact with respect to mergekit's maths; the speed comes from doing less work:
+a weighted sum is one `addmm` straight into the candidate's storage, a top-k threshold is
+found from precomputed magnitude order statistics plus one scan (no sort), and random masks
+come from a counter-based hash (no generator state, identical on every device and process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.models import MagnitudeGrid, TensorSlot
+
+CHUNK = 1 << 16  # elements per source in one step of a fused pass (stays in cache)
+SCAN = 1 << 18  # elements per step of a single-tensor scan
+
+
+def chunks(n: int, size: int = CHUNK):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def gather(slot: TensorSlot, rows: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """Float32 [len(rows), stop - start] view (or copy) of the task vectors of `rows`."""
+    tv = slot.tv
+    every = rows == tuple(range(tv.shape[0]))
+    return (tv[:, start:stop] if every else tv[list(rows), start:stop]).float()
+
+
+def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float]) -> None:
+    """out = c_base * base + sum_r coef[r] * tv[r]: one pass, straight into `out`."""
+    c = torch.tensor(coef, dtype=torch.float32, device=slot.base.device).view(1, -1)
+    b, tv = slot.base, slot.tv
+    if b.dtype == out.dtype == torch.float32:
+        torch.addmm(b.view(1, -1), c, tv, beta=c_base, out=out.view(1, -1))
+        return
+    for start, stop in chunks(slot.numel, SCAN):
+        part = torch.addmm(b[None, start:stop].float(), c, tv[:, start:stop].float(), beta=c_base)
+        out[start:stop].copy_(part.view(-1))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """An exact top-k set by magnitude: |x| > thr, and |x| == thr at flat index < cut.
+
+    Ties at the threshold are broken by position, so exactly k elements are kept.
+    `kept_l1` is the L1 norm of the kept elements (for rescaling).
+    """
+
+    thr: float
+    cut: int
+    kept_l1: float
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        """Overwrite the magnitudes `a` of x[start : start + len(a)] with the keep mask (1/0)."""
+        split = min(max(self.cut - start, 0), a.numel())
+        a[:split].ge_(self.thr)
+        a[split:].gt_(self.thr)
+        return a
+
+
+def keep_all(l1: float) -> Selection:
+    return Selection(-math.inf, 0, l1)
+
+
+def keep_none() -> Selection:
+    return Selection(math.inf, 0, 0.0)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of a sparse bool mask, eight bytes at a time."""
+    n8 = mask.numel() // 8 * 8
+    words = mask[:n8].view(torch.uint8).view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    pos = (hit[:, None] * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    pos = pos[mask[pos]]
+    if n8 < mask.numel():
+        pos = torch.cat([pos, mask[n8:].nonzero().squeeze(1) + n8])
+    return pos
+
+
+def _scan(x: torch.Tensor, lo: float, hi: float, want_l1: bool):
+    """Values and positions of lo <= |x| <= hi; the L1 norm of |x| > hi if wanted."""
+    l1 = torch.zeros((), dtype=torch.float64, device=x.device)
+    vals, pos = [], []
+    for start, stop in chunks(x.numel(), SCAN):
+        a = x[start:stop].float().abs()
+        if want_l1:
+            l1 += (a * (a > hi).view(torch.uint8)).sum(dtype=torch.float64)
+        p = _positions((a >= lo) & (a <= hi))
+        vals.append(a[p])
+        pos.append(p + start)
+    return torch.cat(vals), torch.cat(pos), float(l1)
+
+
+def top_k(x: torch.Tensor, k: int, grid: MagnitudeGrid, row: int, want_l1: bool) -> Selection:
+    """The k largest-magnitude elements of x = tv[row]; `grid` holds its order statistics.
+
+    The grid gives the neighbouring grid values lo <= threshold <= hi and the exact count
+    above hi; one scan collects the elements in [lo, hi] (about n / GRID of them) and
+    kthvalue among those gives the exact threshold.
+    """
+    n = x.numel()
+    if k >= n:
+        return keep_all(float(x.float().abs().sum(dtype=torch.float64)) if want_l1 else 0.0)
+    if k <= 0:
+        return keep_none()
+    j_lo = int((grid.atleast[row] >= k).sum()) - 1  # last grid value with >= k at or above
+    j_hi = int((grid.above[row] >= k).sum())  # first grid value with < k above
+    lo, hi = float(grid.values[row, j_lo]), float(grid.values[row, j_hi])
+    count = int(grid.above[row, j_hi])
+    vals, pos, above_l1 = _scan(x, lo, hi, want_l1)
+    rank = k - count  # 1-based, descending, within the bracket
+    thr_t = torch.kthvalue(vals, vals.numel() - rank + 1).values
+    bigger = vals > thr_t
+    need = rank - int(bigger.sum())
+    equal = pos[vals == thr_t]
+    cut = n if need == equal.numel() else int(equal.sort().values[need - 1]) + 1
+    thr = float(thr_t)
+    kept = above_l1 + float(vals[bigger].sum(dtype=torch.float64)) + thr * need if want_l1 else 0.0
+    return Selection(thr, cut, kept)
+
+
+# lowbias32 (C. Wellons) on int32 with logical shifts; int32 products wrap on every device.
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF))
+    x.mul_(_M1)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15).bitwise_and_(0x1FFFF))
+    x.mul_(_M2)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF))
+    return x
+
+
+def _int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def rng_key(seed: int, source: str, tensor: str) -> tuple[int, int]:
+    """The key of one (seed, source, tensor) stream: what the random draws depend on, only."""
+    digest = hashlib.sha256(f"{seed}\0{source}\0{tensor}".encode()).digest()
+    k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+    return _int32(k1), _int32(k2)
+
+
+UNIFORM_BITS = 24
+
+
+def uniform_bits(key: tuple[int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Integers uniform in [0, 2**24) for elements start..stop of the stream `key`.
+
+    Element i's value depends only on (key, i): any chunking gives the same draws.
+    """
+    k1 = _int32(key[0] ^ (start >> 31) * 0x9E3779B9)
+    lo = start & 0x7FFFFFFF
+    if lo + (stop - start) > 1 << 31:
+        raise ValueError("uniform_bits: a chunk may not cross a 2**31 element boundary")
+    x = torch.arange(lo, lo + stop - start, dtype=torch.int32, device=device)
+    x = _mix(x.add_(key[1]).bitwise_xor_(k1))
+    return torch.bitwise_right_shift(x, 32 - UNIFORM_BITS).bitwise_and_((1 << UNIFORM_BITS) - 1)
+
+
+def bernoulli_threshold(p: float) -> int:
+    """Integer t with P(uniform_bits < t) = p rounded up to 2**-24: keep iff bits < t."""
+    return math.ceil(min(max(p, 0.0), 1.0) * (1 << UNIFORM_BITS))

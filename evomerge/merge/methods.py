@@ -1,0 +1,333 @@
+"""The merge methods, by mergekit's names and with mergekit's semantics and defaults.
+
+A method that is a weighted sum of the base and the task vectors (linear, task arithmetic,
+SLERP, model stock, and any task-arithmetic variant at density 1 without sign consensus)
+computes its coefficients from per-tensor statistics and writes with one `addmm`. The
+sparsifying and sign-electing methods run one fused, chunked pass per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evomerge.merge import sparsify
+from evomerge.merge.kernels import (
+    CHUNK,
+    SCAN,
+    chunks,
+    combine,
+    gather,
+    keep_none,
+    rng_key,
+    top_k,
+)
+from evomerge.merge.spec import BasePolicy, MergeMethod, OptionSpec, ParamSpec, TensorJob
+from evomerge.models import MagnitudeGrid, TensorSlot
+
+WEIGHT = ParamSpec(
+    "weight", True, None, doc="scale of the source's task vector (linear: of the source)"
+)
+DENSITY = ParamSpec(
+    "density", True, 1.0, 0.0, 1.0, (0.1, 1.0), doc="fraction of the task vector kept"
+)
+GAMMA = ParamSpec(
+    "gamma", True, 0.01, 0.0, 1.0, (0.0, 0.1), doc="fraction of largest magnitudes dropped"
+)
+EPSILON = ParamSpec(
+    "epsilon", True, 0.15, 0.0, 0.5, (0.0, 0.2), doc="keep-probability spread over ranks"
+)
+T = ParamSpec("t", False, None, 0.0, 1.0, doc="interpolation from base (0) to source (1)")
+SELECT_TOPK = ParamSpec(
+    "select_topk", False, 1.0, 0.0, 1.0, (0.1, 1.0), doc="fraction of highest-variance kept"
+)
+LAMBDA = OptionSpec("lambda", 1.0, "scale of the merged task vector")
+INT8_MASK = OptionSpec("int8_mask", False, "mergekit's mask storage; no numerical effect")
+FILTER_WISE = OptionSpec("filter_wise", False, "one interpolation ratio per output row")
+
+
+def _emit(job: TensorJob, start: int, stop: int, delta: torch.Tensor) -> None:
+    """out[start:stop] = base + delta, cast to the candidate's dtype."""
+    b, dst = job.slot.base[start:stop], job.out[start:stop]
+    if b.dtype == dst.dtype == torch.float32:
+        torch.add(b, delta, out=dst)
+    else:
+        dst.copy_(b.float() + delta)
+
+
+def _elect(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """TIES sign election into `out`: 1 where an entry's sign is its column sum's sign
+    (a zero sum counts as +), else 0. Float masks: torch's CPU bool kernels are slow."""
+    majority = v.sum(dim=0).sign_().add_(0.5).sign_()  # +1 or -1 per column
+    return torch.mul(v, majority, out=out).gt_(0)
+
+
+def _coefficients(job: TensorJob, weights: list[float]) -> list[float]:
+    """Per task-vector row coefficients from per-recipe-source weights (the base has none)."""
+    coef = [0.0] * job.slot.tv.shape[0]
+    for row, w in zip(job.rows, weights, strict=True):
+        if row is not None:
+            coef[row] += w
+    return coef
+
+
+class Linear(MergeMethod):
+    """Weighted average of whole models: sum(w_i x_i) / sum(w_i) (normalize) or the sum."""
+
+    name = "linear"
+    params = (WEIGHT,)
+    options = (OptionSpec("normalize", True, "divide by the sum of the weights"),)
+    base_policy = BasePolicy.IGNORED
+
+    def check_values(self, values, options, where):
+        if options["normalize"] and abs(sum(values["weight"])) < 1e-8:
+            raise ValueError(f"{where}: the weights sum to 0, and normalize divides by the sum")
+
+    def merge(self, job: TensorJob) -> None:
+        w = job.values["weight"]
+        div = sum(w) if job.options["normalize"] else 1.0
+        combine(job.slot, job.out, sum(w) / div, _coefficients(job, [x / div for x in w]))
+
+
+class Slerp(MergeMethod):
+    """Spherical interpolation between recipe.base and the one source, per tensor."""
+
+    name = "slerp"
+    params = (T,)
+    base_policy = BasePolicy.ENDPOINT
+    min_sources = max_sources = 1
+
+    def merge(self, job: TensorJob) -> None:
+        t = job.values["t"][0]
+        gram = job.slot.gram
+
+        def coords(row: int | None) -> torch.Tensor:
+            u = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)
+            u[0] = 1.0
+            if row is not None:
+                u[row + 1] = 1.0
+            return u
+
+        ua, ub = coords(job.base_row), coords(job.rows[0])
+        norm_a = float(ua @ gram @ ua) ** 0.5
+        norm_b = float(ub @ gram @ ub) ** 0.5
+        norm_a = norm_a if norm_a > 1e-8 else 1.0
+        norm_b = norm_b if norm_b > 1e-8 else 1.0
+        dot = min(max(float(ua @ gram @ ub) / (norm_a * norm_b), -1.0), 1.0)
+        if abs(dot) > 0.9995:
+            ca, cb = 1 - t, t
+        else:
+            theta = math.acos(dot)
+            ca = math.sin((1 - t) * theta) / math.sin(theta)
+            cb = math.sin(t * theta) / math.sin(theta)
+        coef = [0.0] * job.slot.tv.shape[0]
+        for row, c in ((job.base_row, ca), (job.rows[0], cb)):
+            if row is not None:
+                coef[row] += c
+        combine(job.slot, job.out, ca + cb, coef)
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    """base + lambda * combine_i(w_i * sparsify(tv_i)), with optional TIES sign consensus."""
+
+    def __init__(
+        self, name: str, *, sparsifier: str | None, consensus: bool, normalize: bool, rescale: bool
+    ) -> None:
+        self.name = name
+        self.sparsifier = sparsifier
+        self.consensus = consensus
+        extra = {"band": (GAMMA,), "della": (EPSILON,)}.get(sparsifier or "", ())
+        self.params = (WEIGHT, DENSITY, *extra) if sparsifier else (WEIGHT,)
+        options = [OptionSpec("normalize", normalize, "divide by the sum of the weights"), LAMBDA]
+        if sparsifier:
+            options.append(OptionSpec("rescale", rescale, "restore the L1 norm after pruning"))
+        if consensus:
+            options.append(INT8_MASK)
+        self.options = tuple(options)
+        self.deterministic = sparsifier not in ("random", "della")
+
+    def check_values(self, values, options, where):
+        if self.sparsifier == "della":
+            for d, e in zip(values["density"], values["epsilon"], strict=True):
+                if not sparsify.valid_della(d, e):
+                    raise ValueError(
+                        f"{where}: density {d} +/- epsilon {e} must stay inside (0, 1)"
+                    )
+
+    def _keep(self, job: TensorJob, i: int, want_l1: bool) -> sparsify.Keep:
+        slot, row, d = job.slot, job.rows[i], job.values["density"][i]
+        if d <= 0:
+            return sparsify.MagnitudeKeep(keep_none())
+        if self.sparsifier == "magnitude":
+            return sparsify.magnitude(slot, row, d, want_l1)
+        if self.sparsifier == "band":
+            return sparsify.band(slot, row, d, job.values["gamma"][i], want_l1)
+        key = rng_key(job.seed, job.sources[i], slot.name)
+        if self.sparsifier == "random":
+            return sparsify.random(slot, row, d, key, want_l1)
+        return sparsify.della(slot, row, d, job.values["epsilon"][i], key)
+
+    def merge(self, job: TensorJob) -> None:
+        w = list(job.values["weight"])
+        lam, normalize = job.options["lambda"], job.options["normalize"]
+        density = job.values.get("density", (1.0,) * len(w))
+        pruned = [self.sparsifier is not None and d < 1 for d in density]
+        total = sum(w)
+        if not self.consensus and not any(pruned):
+            div = total if normalize and abs(total) >= 1e-8 else 1.0
+            combine(job.slot, job.out, 1.0, _coefficients(job, [x / div * lam for x in w]))
+            return
+        rescale = bool(job.options.get("rescale", False))
+        keeps = [self._keep(job, i, rescale) if p else None for i, p in enumerate(pruned)]
+        scale = [
+            wi * (kp.rescale(float(job.slot.l1[job.rows[i]])) if kp and rescale else 1.0)
+            for i, (wi, kp) in enumerate(zip(w, keeps, strict=True))
+        ]
+        self._fused(job, keeps, scale, w, normalize, lam)
+
+    def _fused(self, job, keeps, scale, w, normalize: bool, lam: float) -> None:
+        """One chunked pass: prune, weight, elect signs (TIES), normalize, write."""
+        slot, device = job.slot, job.slot.base.device
+        sc = torch.tensor(scale, dtype=torch.float32, device=device).view(-1, 1)
+        wt = torch.tensor(w, dtype=torch.float32, device=device).view(-1, 1)
+        total = sum(w)
+        div_all = total if abs(total) >= 1e-8 else 1.0
+        by_magnitude = any(isinstance(k, sparsify.MagnitudeKeep | sparsify.BandKeep) for k in keeps)
+        # Chunk buffers reused by every chunk: allocating in the loop costs more than the maths.
+        a_buf, d_buf, t_buf = torch.empty(3, len(w), min(CHUNK, slot.numel), device=device)
+        a_buf = a_buf if by_magnitude else None
+        for start, stop in chunks(slot.numel, CHUNK):
+            c = stop - start
+            x = gather(slot, job.rows, start, stop)
+            d = torch.mul(x, sc, out=d_buf[:, :c])
+            a = x if a_buf is None else torch.abs(x, out=a_buf[:, :c])
+            for i, kp in enumerate(keeps):
+                if kp is not None:
+                    d[i].mul_(kp.mask_(a[i], start))
+            if self.consensus:
+                keep = _elect(d, t_buf[:, :c])
+                mixed = d.mul_(keep).sum(dim=0)
+                if normalize:
+                    div = keep.mul_(wt).sum(dim=0)
+                    mixed /= div.add_((div == 0).view(torch.uint8))  # mergekit: 0 -> 1
+            else:
+                mixed = d.sum(dim=0)
+                if normalize:
+                    mixed /= div_all
+            if lam != 1:
+                mixed *= lam
+            _emit(job, start, stop, mixed)
+
+
+def _stock_ratio(gram: torch.Tensor) -> torch.Tensor:
+    """Model stock's t from Gram matrices [..., k, k] of the task vectors (mean pair cosine)."""
+    k = gram.shape[-1]
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
+    i, j = torch.triu_indices(k, k, offset=1, device=gram.device)
+    denom = (norms[..., i] * norms[..., j]).clamp(min=1e-6)
+    cos = (gram[..., i, j] / denom).clamp(-1, 1).mean(dim=-1)
+    den = 1 + (k - 1) * cos
+    singular = den.abs() < 1e-6
+    return torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, den))
+
+
+class ModelStock(MergeMethod):
+    """base + t * mean(tv_i), t from the angle between the task vectors (per row: filter_wise)."""
+
+    name = "model_stock"
+    options = (FILTER_WISE,)
+    min_sources = 2
+
+    def merge(self, job: TensorJob) -> None:
+        slot, rows = job.slot, job.rows
+        k = len(rows)
+        if not job.options["filter_wise"]:
+            idx = [r + 1 for r in rows]
+            t = float(_stock_ratio(slot.gram[idx][:, idx]))
+            combine(slot, job.out, 1.0, _coefficients(job, [t / k] * k))
+            return
+        cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
+        step = max(1, SCAN // cols)
+        for r0 in range(0, slot.numel // cols, step):
+            start, stop = r0 * cols, min(r0 + step, slot.numel // cols) * cols
+            x = gather(slot, rows, start, stop).view(k, -1, cols)
+            xd = x.double()
+            t = _stock_ratio(torch.einsum("irc,jrc->rij", xd, xd)).float()
+            _emit(job, start, stop, (t[:, None] * x.mean(dim=0)).view(-1))
+
+
+class SCE(MergeMethod):
+    """Select (top-variance elements), Calculate (weights from mean squares), Erase (signs)."""
+
+    name = "sce"
+    params = (SELECT_TOPK,)
+    options = (INT8_MASK,)
+
+    def merge(self, job: TensorJob) -> None:
+        slot, rows, k = job.slot, job.rows, len(job.rows)
+        device = slot.base.device
+        select = self._select(slot, rows, job.values["select_topk"][0])
+
+        def masked(start: int, stop: int) -> torch.Tensor:
+            x = gather(slot, rows, start, stop)
+            if select is None:
+                return x
+            return x * select[0].mask_(select[1][start:stop].clone(), start)
+
+        squares = torch.zeros(k, dtype=torch.float64, device=device)
+        for start, stop in chunks(slot.numel, CHUNK):
+            squares += masked(start, stop).square().sum(dim=1, dtype=torch.float64)
+        means = squares / slot.numel
+        total = float(means.sum())
+        weights = torch.full_like(means, 1 / k) if abs(total) < 1e-6 else means / total
+        wt = weights.float().view(-1, 1)
+        for start, stop in chunks(slot.numel, CHUNK):
+            x = masked(start, stop)
+            erased = _elect(x, torch.empty_like(x)).mul_(wt)
+            merged = (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+            _emit(job, start, stop, merged)
+
+    @staticmethod
+    def _select(slot: TensorSlot, rows, fraction: float):
+        """The top-variance selection over sources and the variance itself, or None (all)."""
+        if fraction >= 1:
+            return None
+        var = torch.empty(slot.numel, dtype=torch.float32, device=slot.base.device)
+        for start, stop in chunks(slot.numel, CHUNK):
+            var[start:stop] = gather(slot, rows, start, stop).var(dim=0, unbiased=False)
+        count = int(var.count_nonzero()) * fraction if fraction > 0 else 0
+        sel = top_k(var, int(count), MagnitudeGrid.of(var[None]), 0, False)
+        return sel, var
+
+
+def _task_methods() -> tuple[MergeMethod, ...]:
+    gta = GeneralizedTaskArithmetic
+    return (
+        gta("task_arithmetic", sparsifier=None, consensus=False, normalize=False, rescale=False),
+        gta("ties", sparsifier="magnitude", consensus=True, normalize=True, rescale=False),
+        gta("dare_ties", sparsifier="random", consensus=True, normalize=False, rescale=True),
+        gta("dare_linear", sparsifier="random", consensus=False, normalize=False, rescale=True),
+        gta("breadcrumbs_ties", sparsifier="band", consensus=True, normalize=False, rescale=False),
+        gta("della", sparsifier="della", consensus=True, normalize=True, rescale=True),
+    )
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m for m in (Linear(), Slerp(), *_task_methods(), ModelStock(), SCE())
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method `name`; ValueError naming the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r} (known: {', '.join(sorted(METHODS))})"
+        ) from None
+
+
+def method_params(name: str) -> tuple[ParamSpec, ...]:
+    """The numeric parameters of method `name`: what a search space may search."""
+    return get_method(name).params

@@ -1,0 +1,146 @@
+"""Which elements of one task vector a sparsifying method keeps (mergekit's sparsify.py).
+
+Each `Keep` answers, chunk by chunk, which elements survive, and knows the L1 norm of the
+survivors (mergekit's `rescale` matches the L1 norm of the pruned task vector to the
+original). Random keeps draw from the stream of (recipe seed, source, tensor) only, so the
+candidates of a study share their random numbers and differ only by their parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.merge.kernels import (
+    SCAN,
+    UNIFORM_BITS,
+    Selection,
+    bernoulli_threshold,
+    chunks,
+    top_k,
+    uniform_bits,
+)
+from evomerge.models import TensorSlot
+
+RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a pruned tensor unscaled
+
+
+class Keep:
+    """Kept elements of one task vector, chunk by chunk."""
+
+    kept_l1: float
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        """A 1/0 multiplier for elements start..start+len(a), given (and maybe overwriting)
+        their magnitudes `a`."""
+        raise NotImplementedError
+
+    def rescale(self, l1: float) -> float:
+        """mergekit's L1 rescale factor of the pruned task vector."""
+        if l1 < RESCALE_EPS or self.kept_l1 < RESCALE_EPS:
+            return 1.0
+        return l1 / self.kept_l1
+
+
+@dataclass(frozen=True)
+class MagnitudeKeep(Keep):
+    """The top `k = max(1, int(density * n))` magnitudes (TIES)."""
+
+    sel: Selection
+
+    @property
+    def kept_l1(self) -> float:
+        return self.sel.kept_l1
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        return self.sel.mask_(a, start)
+
+
+@dataclass(frozen=True)
+class BandKeep(Keep):
+    """Magnitudes ranked inside a band: the top `k_hi` minus the top `k_lo` (breadcrumbs)."""
+
+    upper: Selection
+    lower: Selection
+
+    @property
+    def kept_l1(self) -> float:
+        return self.upper.kept_l1 - self.lower.kept_l1
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        # The lower selection (the outliers) is inside the upper one.
+        return self.upper.mask_(a.clone(), start).sub_(self.lower.mask_(a, start))
+
+
+@dataclass(frozen=True)
+class StoredKeep(Keep):
+    """A mask computed up front (random and DELLA keeps)."""
+
+    stored: torch.Tensor  # bool [n]
+    kept_l1: float
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        return self.stored[start : start + a.numel()].view(torch.uint8)
+
+
+def magnitude(slot: TensorSlot, row: int, density: float, want_l1: bool) -> Keep:
+    k = max(1, int(density * slot.numel))
+    return MagnitudeKeep(top_k(slot.tv[row], k, slot.grid, row, want_l1))
+
+
+def band(slot: TensorSlot, row: int, density: float, gamma: float, want_l1: bool) -> Keep:
+    """mergekit's magnitude_outliers: drop the top `gamma` fraction, then the smallest."""
+    n = slot.numel
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    x = slot.tv[row]
+    return BandKeep(
+        top_k(x, n - n_bot, slot.grid, row, want_l1),
+        top_k(x, n - n_bot - target, slot.grid, row, want_l1),
+    )
+
+
+def random(slot: TensorSlot, row: int, density: float, key: tuple[int, int], want_l1: bool) -> Keep:
+    """DARE: keep each element with probability `density`, from the stream `key`."""
+    threshold = bernoulli_threshold(density)
+    x = slot.tv[row]
+    stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
+    kept = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start, stop in chunks(slot.numel, SCAN):
+        m = torch.lt(uniform_bits(key, start, stop, x.device), threshold, out=stored[start:stop])
+        if want_l1:
+            kept += (x[start:stop].float().abs() * m.view(torch.uint8)).sum(dtype=torch.float64)
+    return StoredKeep(stored, float(kept))
+
+
+def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple[int, int]) -> Keep:
+    """DELLA's MagPrune: keep probability rises linearly with magnitude rank in each row,
+    from density - epsilon (smallest) to density + epsilon (largest)."""
+    x = slot.tv[row]
+    cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
+    rows = slot.numel // cols
+    step = max(1, SCAN // cols)
+    stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
+    kept = torch.zeros((), dtype=torch.float64, device=x.device)
+    ranks_of = torch.arange(cols, device=x.device).expand(step, cols)
+    scale = float(1 << UNIFORM_BITS)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        start, stop = r0 * cols, r1 * cols
+        a = x[start:stop].float().abs().view(r1 - r0, cols)
+        order = a.argsort(dim=1)
+        rank = torch.empty_like(order).scatter_(1, order, ranks_of[: r1 - r0])
+        rank_norm = (rank.float() / max(cols - 1, 1)).clamp_(0, 1)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+        bits = uniform_bits(key, start, stop, x.device).view(r1 - r0, cols)
+        m = bits.float() < probs * scale
+        stored[start:stop] = m.view(-1)
+        kept += (a * m.view(torch.uint8)).sum(dtype=torch.float64)
+    return StoredKeep(stored, float(kept))
+
+
+def valid_della(density: float, epsilon: float) -> bool:
+    """mergekit refuses epsilon unless density +/- epsilon stays inside (0, 1)."""
+    return not 0 < density < 1 or (density - epsilon > 0 and density + epsilon < 1)

@@ -1,0 +1,476 @@
+"""Checkpoints, architecture tables and the `SourceSet` the merge engine builds from.
+
+A `SourceSet` is loaded once per worker: the base model and each source's task vector
+(source - base), stacked per tensor so that a merge reads every source of a tensor in one
+pass, plus per-tensor statistics (L1 norms, Gram matrices, magnitude rank grids) that make
+the per-candidate work cheap. Which tensor belongs to which layer group is data: one
+`ArchSpec` table per architecture, no per-architecture code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.initialization import no_init_weights
+
+from evomerge.recipe import EMBED, LM_HEAD, NORM, layer_group_names
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRID = 4096  # magnitude rank grid points per (tensor, source): bracket top-k thresholds
+_STAT_CHUNK = 1 << 20
+_SORT_CHUNK = 1 << 22
+
+_LLAMA_LAYER = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+_ATTN_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
+_MLP_BIASES = tuple(f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Tensor layout of one decoder-only architecture: what is a layer, what is special."""
+
+    name: str
+    special: dict[str, tuple[str, ...]]  # group name -> its tensors
+    layer_prefix: str  # "{i}" marks the layer index
+    layer_tensors: tuple[str, ...]  # every decoder layer has these
+    optional_layer_tensors: tuple[str, ...] = ()
+    num_layers_key: str = "num_hidden_layers"
+    # Config fields that must agree for two checkpoints to be mergeable.
+    shape_keys: tuple[str, ...] = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+
+    @cached_property
+    def _layer_re(self) -> re.Pattern[str]:
+        prefix = re.escape(self.layer_prefix).replace(re.escape("{i}"), r"(\d+)")
+        return re.compile(f"^{prefix}(.+)$")
+
+    def part(self, tensor: str) -> str | int | None:
+        """The special group name or decoder layer index of `tensor`; None if unknown."""
+        for group, names in self.special.items():
+            if tensor in names:
+                return group
+        m = self._layer_re.match(tensor)
+        if m and m.group(2) in (*self.layer_tensors, *self.optional_layer_tensors):
+            return int(m.group(1))
+        return None
+
+    def required(self, num_layers: int, tied: bool) -> set[str]:
+        """Tensors a checkpoint of this architecture must hold."""
+        names = {n for g, ns in self.special.items() if not (tied and g == LM_HEAD) for n in ns}
+        for i in range(num_layers):
+            prefix = self.layer_prefix.format(i=i)
+            names.update(prefix + t for t in self.layer_tensors)
+        return names
+
+
+_LLAMA_SPECIAL = {
+    EMBED: ("model.embed_tokens.weight",),
+    NORM: ("model.norm.weight",),
+    LM_HEAD: ("lm_head.weight",),
+}
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec(
+            "llama",
+            _LLAMA_SPECIAL,
+            "model.layers.{i}.",
+            _LLAMA_LAYER,
+            _ATTN_BIASES + _MLP_BIASES,
+        ),
+        ArchSpec("mistral", _LLAMA_SPECIAL, "model.layers.{i}.", _LLAMA_LAYER),
+        ArchSpec(
+            "qwen2",
+            _LLAMA_SPECIAL,
+            "model.layers.{i}.",
+            _LLAMA_LAYER + _ATTN_BIASES[:3],
+        ),
+    )
+}
+
+
+def architecture(config: PretrainedConfig) -> ArchSpec:
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is None:
+        raise ValueError(
+            f"unsupported architecture {config.model_type!r} "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return spec
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any(
+        (folder / n).is_file()
+        for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A local Hugging Face checkpoint folder: its config and where each tensor lives."""
+
+    path: Path
+    config: PretrainedConfig
+    files: dict[str, Path]  # tensor name -> safetensors file
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        p = Path(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"model folder not found: {p}")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p}: no config.json")
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: p / f for name, f in weight_map.items()}
+        elif (p / "model.safetensors").is_file():
+            files = dict.fromkeys(_header(p / "model.safetensors")[1], p / "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{p}: no model.safetensors or model.safetensors.index.json")
+        missing = sorted({str(f) for f in files.values() if not f.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{p}: shard files missing: {missing}")
+        return cls(p, AutoConfig.from_pretrained(p), files)
+
+    @cached_property
+    def _headers(self) -> dict[Path, tuple[int, dict]]:
+        return {file: _header(file) for file in sorted(set(self.files.values()))}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            name: tuple(entry["shape"])
+            for _, table in self._headers.values()
+            for name, entry in table.items()
+        }
+
+    def read(self, name: str) -> torch.Tensor:
+        offset, table = self._headers[self.files[name]]
+        return _read(self.files[name], offset, table[name])
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """The data offset and tensor table of a safetensors file."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        table = json.loads(f.read(size))
+    table.pop("__metadata__", None)
+    return 8 + size, table
+
+
+def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file reads (no mmap: file pages stay out of our RSS)."""
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{file}: unsupported safetensors dtype {entry['dtype']}")
+    start, stop = entry["data_offsets"]
+    raw = torch.empty(stop - start, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(offset + start)
+        if f.readinto(raw.numpy()) != stop - start:
+            raise ValueError(f"{file}: truncated tensor data")
+    return raw.view(dtype).reshape(entry["shape"])
+
+
+@dataclass(frozen=True, eq=False)
+class MagnitudeGrid:
+    """Exact order statistics of |x| per row at GRID evenly spaced ranks.
+
+    For grid value v_j, `above[j]` = #(|x| > v_j) and `atleast[j]` = #(|x| >= v_j). Any
+    top-k threshold lies between two neighbouring grid values, so finding it exactly takes
+    one scan for the few elements in between, never a sort.
+    """
+
+    values: torch.Tensor  # float32 [rows, G + 1], ascending
+    above: torch.Tensor  # int64 [rows, G + 1]
+    atleast: torch.Tensor  # int64 [rows, G + 1]
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> MagnitudeGrid:
+        """The grid of each row of x [rows, n].
+
+        Each chunk of a row is sorted on its own (non-negative floats sort like their int32
+        bits, and torch sorts ints by radix, fast), then each grid value is found by a
+        binary search over bit patterns, counting in the sorted chunks: exact, without
+        sorting, or holding more than one copy of, the whole row.
+        """
+        n = x.shape[1]
+        g = max(min(GRID, n - 1), 1)
+        want = torch.arange(g + 1, device=x.device) * (n - 1) // g + 1  # ranks, 1-based
+        rows = []
+        for row in x:
+            parts = [
+                row[a:b].float().abs().view(torch.int32).sort().values
+                for a, b in ((a, min(a + _SORT_CHUNK, n)) for a in range(0, n, _SORT_CHUNK))
+            ]
+
+            def at_most(v: torch.Tensor, parts=parts) -> torch.Tensor:
+                return sum(torch.searchsorted(p, v, right=True) for p in parts)
+
+            lo = torch.zeros_like(want, dtype=torch.int32)
+            hi = torch.full_like(lo, torch.iinfo(torch.int32).max)
+            while bool((lo < hi).any()):  # smallest bit pattern with >= want at or below it
+                mid = lo + (hi - lo) // 2
+                enough = at_most(mid) >= want
+                hi = torch.where(enough, mid, hi)
+                lo = torch.where(enough, lo, mid + 1)
+            rows.append((lo.view(torch.float32), n - at_most(lo), n - at_most(lo - 1)))
+        return cls(*(torch.stack(t) for t in zip(*rows, strict=True)))
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSlot:
+    """One tensor as the merge engine sees it: base, stacked task vectors, statistics.
+
+    `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
+    order statistics of each task vector.
+    """
+
+    name: str
+    shape: torch.Size
+    part: str | int
+    base: torch.Tensor  # [numel]
+    tv: torch.Tensor  # [S, numel]
+    l1: torch.Tensor  # float64 [S]
+    gram: torch.Tensor  # float64 [S + 1, S + 1]
+    grid: MagnitudeGrid
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+
+def _statistics(base: torch.Tensor, tv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 norm of each task vector and the Gram matrix of (base, tv_1, ..., tv_S), in float64."""
+    s = tv.shape[0]
+    gram = torch.zeros(s + 1, s + 1, dtype=torch.float64, device=base.device)
+    l1 = torch.zeros(s, dtype=torch.float64, device=base.device)
+    for start in range(0, base.numel(), _STAT_CHUNK):
+        stop = start + _STAT_CHUNK
+        rows = torch.cat([base[None, start:stop], tv[:, start:stop]]).double()
+        gram += rows @ rows.T
+        l1 += rows[1:].abs().sum(dim=1)
+    return l1, gram
+
+
+@dataclass(frozen=True, eq=False)
+class SourceSet:
+    """A base model and sources, resident as base + task vectors, ready for candidate builds."""
+
+    base_name: str
+    names: tuple[str, ...]
+    paths: dict[str, Path]
+    config: PretrainedConfig
+    arch: ArchSpec
+    device: torch.device
+    slots: tuple[TensorSlot, ...]
+
+    @classmethod
+    def load(
+        cls,
+        base: str | Path,
+        sources: Sequence[str | Path],
+        *,
+        names: Sequence[str] | None = None,
+        base_name: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> SourceSet:
+        """Load and check checkpoints; `names` and `base_name` are the references recipes use
+        for the sources and the base (default: the str of each path).
+
+        `dtype` is the storage dtype of base and task vectors (default float32, in which the
+        difference of two bf16/fp16 weights is exact).
+        """
+        names = tuple(str(p) for p in sources) if names is None else tuple(names)
+        if len(names) != len(sources):
+            raise ValueError(f"{len(names)} names given for {len(sources)} sources")
+        base_name = str(base) if base_name is None else base_name
+        if len(set(names)) != len(names) or base_name in names:
+            raise ValueError(f"model names repeat: base {base_name!r}, sources {list(names)}")
+        store = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+        base_ckpt = Checkpoint.open(base)
+        ckpts = [Checkpoint.open(p) for p in sources]
+        arch = architecture(base_ckpt.config)
+        order = _check_compatible(base_name, base_ckpt, names, ckpts, arch)
+        _check_tokenizers(base_name, base_ckpt, names, ckpts)
+        device = torch.device(device)
+        slots = tuple(
+            _load_slot(name, part, base_name, base_ckpt, names, ckpts, store, device)
+            for name, part in order
+        )
+        paths = {base_name: base_ckpt.path} | {n: c.path for n, c in zip(names, ckpts, strict=True)}
+        return cls(base_name, names, paths, base_ckpt.config, arch, device, slots)
+
+    @property
+    def num_layers(self) -> int:
+        return int(getattr(self.config, self.arch.num_layers_key))
+
+    def groups(self, granularity: int = 1) -> tuple[str, ...]:
+        return layer_group_names(self.num_layers, granularity)
+
+    def index(self, name: str) -> int | None:
+        """Row of `name`'s task vector; None for the base (its task vector is zero)."""
+        if name == self.base_name:
+            return None
+        if name not in self.names:
+            raise ValueError(
+                f"model {name!r} is not loaded "
+                f"(base {self.base_name!r}, sources {list(self.names)})"
+            )
+        return self.names.index(name)
+
+    @cached_property
+    def tokenizer(self):
+        """The base model's tokenizer (the sources were checked to share its vocabulary)."""
+        return AutoTokenizer.from_pretrained(self.paths[self.base_name])
+
+    def new_model(self, dtype: str = "float32") -> torch.nn.Module:
+        """A resident candidate model on this SourceSet's device, holding the base weights."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        with no_init_weights(), torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=DTYPES[dtype])
+        model.tie_weights()  # skipped under no_init_weights
+        params = dict(model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for slot in self.slots:
+                params[slot.name].copy_(slot.base.view(slot.shape))
+        return model.eval().requires_grad_(False)
+
+
+def _check_compatible(
+    base_name: str,
+    base: Checkpoint,
+    names: Sequence[str],
+    ckpts: Sequence[Checkpoint],
+    arch: ArchSpec,
+) -> list[tuple[str, str | int]]:
+    """Same architecture, tensors and shapes everywhere; returns tensors in group order."""
+    cfg = base.config
+    for name, ck in zip(names, ckpts, strict=True):
+        if ck.config.model_type != cfg.model_type:
+            raise ValueError(
+                f"{name} is a {ck.config.model_type!r} model but the base {base_name} is "
+                f"{cfg.model_type!r}: architectures must match"
+            )
+        for key in arch.shape_keys:
+            a, b = getattr(cfg, key, None), getattr(ck.config, key, None)
+            if a != b:
+                what = "vocabularies differ" if key == "vocab_size" else "architectures differ"
+                raise ValueError(f"{what}: {key} is {b} in {name} but {a} in the base {base_name}")
+    shapes = base.shapes()
+    num_layers = int(getattr(cfg, arch.num_layers_key))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    missing = arch.required(num_layers, tied) - set(shapes)
+    if missing:
+        raise ValueError(f"base {base_name} lacks tensor(s) {sorted(missing)}")
+    parts = {}
+    for tensor in shapes:
+        part = arch.part(tensor)
+        if part is None or (isinstance(part, int) and part >= num_layers):
+            raise ValueError(f"base {base_name}: tensor {tensor} fits no {arch.name} layer group")
+        parts[tensor] = part
+    for name, ck in zip(names, ckpts, strict=True):
+        other = ck.shapes()
+        if set(other) != set(shapes):
+            lacks = sorted(set(shapes) - set(other))
+            extra = sorted(set(other) - set(shapes))
+            raise ValueError(
+                f"{name} does not hold the base's tensors: missing {lacks}, extra {extra}"
+            )
+        for tensor, shape in shapes.items():
+            if other[tensor] != shape:
+                raise ValueError(
+                    f"shape mismatch for {tensor}: {list(other[tensor])} in {name}, "
+                    f"{list(shape)} in the base {base_name}"
+                )
+    rank = {EMBED: -1, NORM: num_layers, LM_HEAD: num_layers + 1}
+    return sorted(parts.items(), key=lambda kv: (rank.get(kv[1], kv[1]), kv[0]))
+
+
+def _check_tokenizers(
+    base_name: str, base: Checkpoint, names: Sequence[str], ckpts: Sequence[Checkpoint]
+) -> None:
+    """Refuse sources whose tokenizer maps tokens to other ids than the base's."""
+    if not has_tokenizer(base.path):
+        return
+    vocab = AutoTokenizer.from_pretrained(base.path).get_vocab()
+    for name, ck in zip(names, ckpts, strict=True):
+        if not has_tokenizer(ck.path):
+            continue
+        other = AutoTokenizer.from_pretrained(ck.path).get_vocab()
+        if other != vocab:
+            differ = len(set(vocab.items()) ^ set(other.items()))
+            raise ValueError(
+                f"tokenizers differ: {name} and the base {base_name} disagree on {differ} "
+                "token ids; evomerge merges models that share a tokenizer"
+            )
+
+
+def _load_slot(
+    tensor: str,
+    part: str | int,
+    base_name: str,
+    base: Checkpoint,
+    names: Sequence[str],
+    ckpts: Sequence[Checkpoint],
+    store: torch.dtype,
+    device: torch.device,
+) -> TensorSlot:
+    def read(name: str, ck: Checkpoint) -> torch.Tensor:
+        t = ck.read(tensor)
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: tensor {tensor} is {t.dtype}, not floating point")
+        t = t.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: tensor {tensor} has NaN or inf values")
+        return t
+
+    b = read(base_name, base)
+    shape, b = b.shape, b.reshape(-1)
+    tv = torch.empty(len(ckpts), b.numel(), dtype=store, device=device)
+    for i, (name, ck) in enumerate(zip(names, ckpts, strict=True)):
+        tv[i] = read(name, ck).reshape(-1) - b
+    b = b.to(store)
+    l1, gram = _statistics(b, tv)
+    return TensorSlot(tensor, shape, part, b, tv, l1, gram, MagnitudeGrid.of(tv))

@@ -1,0 +1,186 @@
+"""Model shape and the training loop of the zoo, small enough to hold in one's head.
+
+One call of `train` is one model: from scratch (base, stranger) or from a parent folder
+(experts). Batches are generated on the fly from the skills, so there is no dataset to store;
+prompts of the evaluation splits are rejected, so no evaluated prompt is ever trained on.
+Each job runs on one torch thread so that jobs in parallel processes keep stable timings.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from evomerge.zoo.skills import SKILLS, sample_text
+from evomerge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, encode
+
+TEXT = "text"  # the plain-text genre of the corpus, next to the skills
+Row = tuple[list[int], list[int]]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Llama hyper-parameters of every zoo model (they must match for merging)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 64
+
+    def config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=self.max_positions,
+            tie_word_embeddings=False,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run.
+
+    `mix` weighs the genres of a batch (skill names and `"text"`); `full` lists the skills
+    drawn from their full range (the others use their partial range). `answer_only` puts
+    the loss on answer tokens only, so an expert refines what it answers rather than
+    re-learning the prompt distribution.
+    """
+
+    name: str
+    steps: int
+    lr: float
+    mix: dict[str, float]
+    seed: int
+    full: tuple[str, ...] = ()
+    answer_only: bool = False
+    batch: int = 64
+    warmup: int = 50
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    trainable: str = ""
+    anchor: float = 0.0
+    shape: Shape = field(default_factory=Shape)
+
+
+def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[Row]:
+    """One batch of (input ids, labels) rows; labels are -100 where there is no loss."""
+    genres, weights = zip(*job.mix.items(), strict=True)
+    rows = []
+    for genre in rng.choices(genres, weights, k=job.batch):
+        if genre == TEXT:
+            prompt, answer = "", sample_text(rng)
+        else:
+            while True:
+                prompt, answer = SKILLS[genre].sample(rng, genre in job.full)
+                if prompt not in exclude:
+                    break
+        p, a = encode(prompt), [*encode(answer), EOS_ID]
+        ids = [BOS_ID, *p, *a]
+        if job.answer_only and genre != TEXT:
+            rows.append((ids, [-100] * (1 + len(p)) + a))
+        else:
+            rows.append((ids, [-100, *ids[1:]]))
+    return rows
+
+
+def backward(model: LlamaForCausalLM, rows: list[Row], chunks: int = 8) -> float:
+    """Accumulate the gradient of the batch's mean token loss; returns that loss.
+
+    Rows are sorted by length and split into `chunks` micro-batches, so little compute goes
+    to padding (skill examples range from 10 to 35 tokens). Right padding needs no mask.
+    """
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    n_tokens = sum(sum(t != -100 for t in y) for _, y in rows)
+    size = math.ceil(len(rows) / chunks)
+    total = 0.0
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        width = max(len(x) for x, _ in part)
+        x = torch.tensor([r + [PAD_ID] * (width - len(r)) for r, _ in part])
+        y = torch.tensor([r + [-100] * (width - len(r)) for _, r in part])
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        ) / n_tokens
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def lr_at(job: Job, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < job.warmup:
+        return job.lr * (step + 1) / job.warmup
+    t = (step - job.warmup) / max(1, job.steps - job.warmup)
+    return job.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def train(
+    job: Job,
+    out: Path,
+    parent: Path | None = None,
+    exclude: Collection[str] = (),
+    log: Callable[[str], None] | None = None,
+) -> float:
+    """Train one model and save it as a Hugging Face folder at `out`; returns the seconds."""
+    torch.set_num_threads(1)
+    torch.manual_seed(job.seed)
+    rng = random.Random(job.seed)
+    if parent is None:
+        model = LlamaForCausalLM(job.shape.config())
+    else:
+        model = LlamaForCausalLM.from_pretrained(parent)
+    model.train()
+    params = [p for n, p in model.named_parameters() if job.trainable in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(job.trainable in n)
+    start_params = [p.detach().clone() for p in params]
+    if job.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=job.lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(
+            params, lr=job.lr, betas=(0.9, 0.95), weight_decay=job.weight_decay
+        )
+    start = time.perf_counter()
+    for step in range(job.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(job, step)
+        opt.zero_grad(set_to_none=True)
+        loss = backward(model, make_batch(job, rng, exclude))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if job.anchor:
+            with torch.no_grad():
+                for p, p0 in zip(params, start_params):
+                    p.sub_(lr_at(job, step) * job.anchor * (p - p0))
+        if log and (step % 200 == 0 or step == job.steps - 1):
+            log(f"{job.name} step {step}/{job.steps} loss {loss:.3f}")
+    seconds = time.perf_counter() - start
+    save(model, out)
+    return seconds
+
+
+def save(model: LlamaForCausalLM, out: Path) -> None:
+    """Write a complete, offline-loadable folder: weights, config, tokenizer, generation."""
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)

@@ -1,0 +1,513 @@
+"""The dashboard's server side: pages, actions and security over a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from evomerge.cli import app as cli
+from evomerge.dashboard import create_app
+from evomerge.dashboard.charts import best_so_far, nice_ticks, thin
+from evomerge.dashboard.guard import COOKIE
+from evomerge.dashboard.sample import NUM_LAYERS, SOURCES, config_yaml, fill_study
+from evomerge.recipe import Recipe, layer_group_names
+from storage import Store
+
+LOCAL = "http://127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database with a finished TIES study, a live one, and a DFS study."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'studies.db'}"
+    with Store(url) as store:
+        store.migrate()
+        fill_study(store, "ties-done", 120, budget=120)
+        fill_study(store, "ties-live", 20, budget=100, end=None, seed=1)
+        fill_study(store, "dfs-done", 30, method="dfs", seed=2)
+    return url
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> dict[str, Path]:
+    out = {name: tmp_path / name for name in ("configs", "exports", "runs", "models")}
+    for path in out.values():
+        path.mkdir()
+    (out["configs"] / "demo.yaml").write_text(config_yaml("demo"))
+    return out
+
+
+def make_client(url: str, dirs: dict[str, Path], **kwargs: object) -> TestClient:
+    app = create_app(
+        url,
+        model_roots=(dirs["models"],),
+        export_dir=dirs["exports"],
+        configs_dir=dirs["configs"],
+        run_dir=dirs["runs"],
+        **kwargs,
+    )
+    return TestClient(app, base_url=LOCAL, follow_redirects=False)
+
+
+@pytest.fixture
+def client(filled: str, dirs: dict[str, Path]) -> Iterator[TestClient]:
+    with make_client(filled, dirs) as c:
+        yield c
+
+
+def text_of(html: str, element_id: str) -> str:
+    """The text of the element with `element_id` (tags stripped)."""
+    m = re.search(rf'id="{element_id}"[^>]*>(.*?)</', html, re.S)
+    assert m, f"no element #{element_id}"
+    return re.sub(r"<[^>]+>", "", m.group(1)).strip()
+
+
+# Pages
+
+
+def test_studies_list_shows_status_progress_and_best(client: TestClient, filled: str) -> None:
+    page = client.get("/").text
+    with Store(filled) as store:
+        best = store.best("ties-done", top=1)[0].fitness
+    row = re.search(r"ties-done</a></td>(.*?)</tr>", page, re.S).group(1)
+    assert "finished" in row and "120 / 120" in row
+    assert f"{best:.4f}" in row
+    live = re.search(r"ties-live</a></td>(.*?)</tr>", page, re.S).group(1)
+    assert "running" in live and "20 / 100" in live
+
+
+def test_study_page_charts_table_and_runs(client: TestClient) -> None:
+    page = client.get("/studies/ties-done").text
+    assert page.count('<svg class="chart"') == 2
+    assert 'class="best"' in page and 'class="fails"' in page
+    assert text_of(page, "done") == "120 / 120"
+    assert text_of(page, "busy") == "0 / 2"
+    assert text_of(page, "outcomes") == "111 · 9"  # every 13th trial fails
+    numbers = re.findall(r'/studies/ties-done/trials/(\d+)"', page)
+    assert numbers[:3] == ["119", "118", "117"]  # newest first by default
+    assert len(numbers) == 25
+    assert "page 1 of 5" in page
+    assert "budget reached" in page and "4242" in page  # runs history
+
+
+def test_study_page_on_every_backend(db_url: str, dirs: dict[str, Path]) -> None:
+    """The dashboard's own queries (sorting, chart series, times) on SQLite and PostgreSQL."""
+    with Store(db_url) as store:
+        store.migrate()
+        fill_study(store, "-odd-name", 30, end=None)
+        by_fitness = [r.number for r in store.trials("-odd-name", order_by="fitness")]
+    with make_client(db_url, dirs) as c:
+        page = c.get("/studies/-odd-name?sort=fitness").text
+        numbers = [int(n) for n in re.findall(r'/trials/(\d+)"', page)]
+        assert numbers == by_fitness[:25]
+        assert page.count('<path class="dots" d="M') == 2
+        assert text_of(page, "generation") == "3: 6 / 8 done"
+        assert "seconds since the first trial finished" in page
+
+
+def test_trials_table_sorts_and_pages(client: TestClient, filled: str) -> None:
+    with Store(filled) as store:
+        by_fitness = [r.number for r in store.trials("ties-done", order_by="fitness")]
+    page = client.get("/studies/ties-done?sort=fitness&desc=1&page=3").text
+    numbers = [int(n) for n in re.findall(r'/studies/ties-done/trials/(\d+)"', page)]
+    assert numbers == by_fitness[50:75]
+    ascending = client.get("/studies/ties-done?sort=number&desc=0").text
+    assert re.findall(r'/trials/(\d+)"', ascending)[:2] == ["0", "1"]
+    assert client.get("/studies/ties-done?sort=recipe_json").status_code == 400
+    assert client.get("/studies/ties-done?sort=number_x").status_code == 400
+
+
+def test_live_fragment_and_generation_progress(client: TestClient) -> None:
+    fragment = client.get("/studies/ties-live/live").text
+    assert "<html" not in fragment
+    assert text_of(fragment, "status") == "running"
+    assert text_of(fragment, "generation").startswith("2: 4 / 8 done")
+
+
+def test_trial_page_draws_heatmaps_metrics_and_timings(client: TestClient, filled: str) -> None:
+    with Store(filled) as store:
+        row = store.best("ties-done", top=1)[0]
+    recipe = Recipe.from_json(row.recipe_json)
+    page = client.get(f"/studies/ties-done/trials/{row.number}").text
+    assert page.count('<svg class="heatmap"') == 2  # weight and density
+    cells = len(SOURCES) * len(recipe.groups) * 2
+    assert page.count("<rect x=") == cells
+    w = recipe.value("weight", "layers.2-3", 1)
+    assert f"zoo:reverse · layers.2-3 · weight = {w:.4f}" in page
+    assert text_of(page, "fitness") == f"{row.fitness:.4f}"
+    assert text_of(page, "heldout") == f"{row.heldout:.4f}"
+    metrics = re.search(r'id="metrics".*?</table>', page, re.S).group(0)
+    assert metrics.count("<tr>") == 1 + 3 and "zoo:translate" in metrics
+
+
+def test_trial_page_draws_the_dfs_path(client: TestClient, filled: str) -> None:
+    with Store(filled) as store:
+        row = store.trial("dfs-done", 0)
+    flow = Recipe.from_json(row.recipe_json).dataflow
+    page = client.get("/studies/dfs-done/trials/0").text
+    assert page.count("<circle") == len(flow.path)
+    assert f"×{flow.scales[3]:.2f}" in page
+    assert page.count('marker-end="url(#arrow)"') == len(flow.path) - 1
+
+
+def test_failed_trial_shows_its_error(client: TestClient) -> None:
+    page = client.get("/studies/ties-done/trials/12").text
+    assert "NaN logits" in text_of(page, "error")
+
+
+def test_recipe_json_download_round_trips(client: TestClient, filled: str) -> None:
+    response = client.get("/studies/ties-done/trials/5/recipe.json")
+    assert "attachment" in response.headers["content-disposition"]
+    with Store(filled) as store:
+        stored = Recipe.from_json(store.trial("ties-done", 5).recipe_json)
+    assert Recipe.model_validate(response.json()) == stored
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Model folders holding a Llama config, which is all a mergekit config reads."""
+    from transformers import LlamaConfig
+
+    root = tmp_path_factory.mktemp("models")
+    config = LlamaConfig(
+        num_hidden_layers=NUM_LAYERS,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+    )
+    out = {}
+    for name in ("base", "arith", "reverse", "translate"):
+        config.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def test_mergekit_yaml_download_is_a_mergekit_config(
+    client: TestClient, filled: str, model_dirs: dict[str, str]
+) -> None:
+    from mergekit.config import MergeConfiguration
+
+    sources = tuple(model_dirs[n] for n in ("arith", "reverse", "translate"))
+    with Store(filled) as store:
+        fill_study(store, "on-disk", 5, base=model_dirs["base"], sources=sources, seed=4)
+        recipe = Recipe.from_json(store.trial("on-disk", 3).recipe_json)
+    response = client.get("/studies/on-disk/trials/3/mergekit.yaml")
+    assert response.status_code == 200, response.text
+    assert "attachment" in response.headers["content-disposition"]
+    raw = yaml.safe_load(response.text)
+    merge = MergeConfiguration.model_validate(raw)
+    assert merge.merge_method == "ties"
+    assert str(merge.base_model.model) == model_dirs["base"]
+    members = raw["slices"][0]["sources"]
+    assert [m["model"] for m in members][:3] == list(sources)
+    weight = members[0]["parameters"]["weight"]
+    expected = recipe.value("weight", "layers.0-1", 0)
+    assert weight == expected or weight[-1] == {"value": expected}
+
+
+def test_mergekit_yaml_of_a_dfs_recipe_is_refused(client: TestClient) -> None:
+    assert "download-yaml" not in client.get("/studies/dfs-done/trials/0").text
+    assert client.get("/studies/dfs-done/trials/0/mergekit.yaml").status_code == 409
+
+
+def test_missing_study_and_trial_are_404(client: TestClient) -> None:
+    assert client.get("/studies/nope").status_code == 404
+    assert client.get("/studies/ties-done/trials/9999").status_code == 404
+
+
+def test_best_page_filters(client: TestClient, filled: str) -> None:
+    def numbers(query: str) -> list[tuple[str, str]]:
+        page = client.get(f"/best?{query}").text
+        return re.findall(r'/studies/([\w.-]+)/trials/(\d+)"', page)
+
+    assert len(numbers("top=7")) == 7
+    assert {s for s, _ in numbers("top=50&method=dfs")} == {"dfs-done"}
+    with Store(filled) as store:
+        top = store.best("ties-done", top=3, task="zoo:add")
+        held = store.best(None, top=100, min_heldout=0.5)
+    assert numbers("study=ties-done&task=zoo:add&top=3") == [
+        ("ties-done", str(r.number)) for r in top
+    ]
+    assert len(numbers("min_heldout=0.5&top=100")) == len(held)
+    assert numbers("min_heldout=&method=&top=2")  # empty fields mean "no filter"
+    assert client.get("/best?min_heldout=abc").status_code == 400
+
+
+def test_compare_two_recipes(client: TestClient) -> None:
+    page = client.get("/compare?pick=ties-done:3&pick=dfs-done:0").text
+    assert "ties-done · trial 3" in page and "dfs-done · trial 0" in page
+    assert page.count('<svg class="heatmap"') == 2 and "<circle" in page
+    assert client.get("/compare?pick=ties-done:3").status_code == 400
+
+
+# Actions
+
+
+def test_stop_and_cancel_request_a_stop(filled: str, dirs: dict[str, Path]) -> None:
+    with Store(filled) as store, make_client(filled, dirs) as c:
+        r = c.post("/studies/ties-live/stop")
+        assert r.status_code == 303 and r.headers["location"].endswith("note=stop")
+        assert store.stop_request("ties-live") == "stop"
+        c.post("/studies/ties-live/cancel")
+        c.post("/studies/ties-live/stop")
+        assert store.stop_request("ties-live") == "cancel"  # as in the CLI: never weakened
+        assert "Cancel requested" in c.get(r.headers["location"].replace("stop", "cancel")).text
+        store.clear_stop_request("ties-live")
+        assert c.post("/studies/nope/stop").status_code == 404
+
+
+def test_resume_refuses_a_live_study(client: TestClient, dirs: dict[str, Path]) -> None:
+    r = client.post("/studies/ties-live/resume")
+    assert r.headers["location"].endswith("note=busy")
+    assert not list(dirs["runs"].rglob("*.log"))
+
+
+def wait_for(done: Callable[[], bool], logs: Callable[[], list[Path]], timeout: float = 120) -> str:
+    """The logs' text once `done()`; fails at once when a log shows a traceback."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = "".join(p.read_text() for p in logs())
+        if done():
+            return text
+        assert "Traceback" not in text, text
+        assert time.monotonic() < deadline, f"not done after {timeout} s; logs: {text}"
+        time.sleep(0.2)
+
+
+def wait_for_log(logs: list[Path], needle: str) -> str:
+    """The logs' text once `needle` is in it."""
+    return wait_for(lambda: needle in "".join(p.read_text() for p in logs), lambda: logs)
+
+
+def test_resume_launches_the_cli_detached_with_a_log(
+    filled: str, client: TestClient, dirs: dict[str, Path]
+) -> None:
+    model = dirs["models"] / "missing-model"
+    text = config_yaml("resumable", base=str(model))
+    with Store(filled) as store:
+        store.create_study("resumable", text, optuna_study_name="resumable", budget_trials=5)
+    r = client.post("/studies/resumable/resume")
+    assert r.headers["location"].endswith("note=resumed")
+    logs = list((dirs["runs"] / "resumable").glob("*-resume.log"))
+    assert len(logs) == 1
+    # The real `evomerge resume` process starts, reads the study's config from the
+    # database and says why it cannot run: its base model folder does not exist.
+    wait_for_log(logs, "missing-model")
+    page = client.get("/studies/resumable").text
+    assert logs[0].name in page
+    assert "missing-model" in client.get(f"/studies/resumable/logs/{logs[0].name}").text
+
+
+# New study
+
+
+def test_new_study_page_offers_the_configs(client: TestClient) -> None:
+    page = client.get("/new").text
+    assert '<option value="demo.yaml" selected>' in page
+    assert "name: demo" in page
+
+
+def test_new_study_shows_errors_at_their_fields(client: TestClient) -> None:
+    text = (
+        config_yaml("bad").replace("high: 1.0}", "high: -1.0}", 1).replace("count: 2", "count: 0")
+    )
+    r = client.post("/new", data={"yaml": text, "name": ""})
+    assert r.status_code == 422
+    lines = text.splitlines()
+    weight_line = next(i for i, s in enumerate(lines, 1) if "weight:" in s)
+    count_line = next(i for i, s in enumerate(lines, 1) if "count: 0" in s)
+    errors = dict(re.findall(r'data-field="([^"]+)" data-line="(\d+)"', r.text))
+    assert errors == {"search.weight": str(weight_line), "workers.count": str(count_line)}
+    assert "must be below high" in r.text
+    assert f'class="marker" style="top: {7 + (count_line - 1) * 18}px"' in r.text
+
+
+def test_new_study_reports_broken_yaml_with_its_line(client: TestClient) -> None:
+    r = client.post("/new", data={"yaml": "name: x\nsources: [a, b\nmethod: ties\n"})
+    assert r.status_code == 422
+    assert re.search(r'data-field="\(yaml\)" data-line="\d+"', r.text)
+
+
+def test_new_study_refuses_models_outside_the_roots(client: TestClient) -> None:
+    text = config_yaml("outside").replace("zoo:reverse", "/etc").replace("zoo:base", "zoo:../x")
+    r = client.post("/new", data={"yaml": text})
+    assert r.status_code == 422
+    fields = set(re.findall(r'<li class="field-error" data-field="([^"]+)"', r.text))
+    assert fields == {"base", "sources.1", "fitness.tasks.1.task"}
+
+
+def test_new_study_refuses_a_taken_or_unsafe_name(client: TestClient) -> None:
+    taken = client.post("/new", data={"yaml": config_yaml("x"), "name": "ties-done"})
+    assert taken.status_code == 422 and "exists" in taken.text
+    dots = client.post("/new", data={"yaml": config_yaml("x"), "name": ".."})
+    assert dots.status_code == 422 and 'data-field="name"' in dots.text
+
+
+def test_yaml_is_parsed_safely(client: TestClient, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    text = f"!!python/object/apply:os.system ['touch {marker}']\n"
+    r = client.post("/new", data={"yaml": text})
+    assert r.status_code == 422 and not marker.exists()
+
+
+def test_new_study_starts_the_coordinator_process(
+    client: TestClient, dirs: dict[str, Path]
+) -> None:
+    model = dirs["models"] / "missing-model"
+    text = config_yaml("started", base=str(model))
+    r = client.post("/new", data={"yaml": text, "name": "started"})
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/studies/started?note=started"
+    folder = dirs["runs"] / "started"
+    snapshot = next(folder.glob("*-config.yaml"))
+    assert yaml.safe_load(snapshot.read_text())["name"] == "started"
+    wait_for_log(list(folder.glob("*-run.log")), "missing-model")
+    page = client.get("/studies/started")  # no study recorded: the log explains why
+    assert page.status_code == 200 and "missing-model" in page.text
+
+
+def test_export_builds_a_checkpoint_in_the_export_folder(
+    filled: str, client: TestClient, dirs: dict[str, Path], zoo_dir: Path
+) -> None:
+    """A real `evomerge export` of a task-arithmetic trial over the test zoo."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(zoo_dir / "base").num_hidden_layers
+    sources = ("zoo:add", "zoo:reverse")
+    groups = layer_group_names(layers, 2)
+    recipe = Recipe(
+        method="task_arithmetic",
+        base="zoo:base",
+        sources=sources,
+        groups=groups,
+        params={"weight": ((0.6, 0.4),) * len(groups)},
+    )
+    text = config_yaml("exportable", "task_arithmetic", sources=sources, zoo="test")
+    with Store(filled) as store:
+        store.create_study("exportable", text, optuna_study_name="exportable", budget_trials=1)
+        run_id = store.start_run("exportable", pid=1, host="h", stale_after_s=30)
+        store.record_trial_started("exportable", run_id, 0, 0, recipe)
+        store.record_trial_finished("exportable", 0, "COMPLETE", {"zoo:add": 0.5}, 0.5)
+        store.end_run(run_id, "finished")
+    r = client.post("/studies/exportable/trials/0/export", data={"folder": "ckpt"})
+    assert r.headers["location"] == "/studies/exportable/trials/0?note=export"
+    out = dirs["exports"] / "ckpt"
+    wait_for(
+        lambda: (out / "recipe.json").is_file(),
+        lambda: list((dirs["runs"] / "exportable").glob("*-export.log")),
+    )
+    assert Recipe.load(out / "recipe.json") == recipe
+    assert (out / "config.json").is_file() and (out / "mergekit_config.yml").is_file()
+    again = client.post("/studies/exportable/trials/0/export", data={"folder": "ckpt"})
+    assert again.headers["location"].endswith("note=exists")
+
+
+# Security
+
+
+def test_token_is_required_on_every_request(filled: str, dirs: dict[str, Path]) -> None:
+    with make_client(filled, dirs, token="s3cret") as c:
+        assert c.get("/").status_code == 401
+        assert c.get("/static/style.css").status_code == 401
+        assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = c.get("/best?top=3&token=s3cret")
+        assert r.status_code == 303 and r.headers["location"] == "/best?top=3"
+        assert "httponly" in r.headers["set-cookie"].lower()
+        assert "samesite=strict" in r.headers["set-cookie"].lower()
+        assert c.get("/best?top=3").status_code == 200  # the cookie now carries it
+        c.cookies.clear()
+        c.cookies.set(COOKIE, "wrong")
+        assert c.get("/").status_code == 401
+
+
+def test_only_loopback_hosts_without_a_token(filled: str, dirs: dict[str, Path]) -> None:
+    with make_client(filled, dirs) as c:
+        assert c.get("/", headers={"Host": "evil.example:8000"}).status_code == 421
+        assert c.get("/", headers={"Host": "localhost:8000"}).status_code == 200
+
+
+def test_cross_site_posts_are_refused(client: TestClient, filled: str) -> None:
+    r = client.post("/studies/ties-done/stop", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    with Store(filled) as store:
+        assert store.stop_request("ties-done") is None
+
+
+def test_oversized_bodies_are_refused(client: TestClient) -> None:
+    big = "x" * (1 << 20 + 1)
+    assert client.post("/new", data={"yaml": big}).status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"y" * 65536
+
+    assert client.post("/new", content=chunks()).status_code == 413
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/new?config=../../etc/passwd",
+        "/new?config=..",
+        "/new?config=%2Fetc%2Fpasswd",
+        "/studies/ties-done/logs/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/studies/..%2F..%2Fetc/logs/passwd",
+    ],
+)
+def test_paths_from_requests_cannot_escape(client: TestClient, url: str) -> None:
+    r = client.get(url)
+    assert r.status_code in (400, 404)
+    assert "root:" not in r.text
+
+
+@pytest.mark.parametrize("folder", ["../escape", "/tmp/escape", "..", "a/b", ".hidden"])
+def test_export_folder_cannot_escape(
+    client: TestClient, dirs: dict[str, Path], folder: str
+) -> None:
+    r = client.post("/studies/ties-done/trials/5/export", data={"folder": folder})
+    assert r.status_code == 400
+    assert not list(dirs["runs"].rglob("*.log"))
+    assert not (dirs["exports"].parent / "escape").exists()
+
+
+def test_cli_refuses_a_public_bind_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVOMERGE_TOKEN", raising=False)
+    result = CliRunner().invoke(cli, ["dashboard", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "token" in result.output
+
+
+# Charts
+
+
+def test_thin_keeps_the_envelope_of_each_column() -> None:
+    points = [(float(i), float((i * 7919) % 101)) for i in range(10_000)]
+    kept = thin(points, 100)
+    assert len(kept) <= 200
+    assert max(p[1] for p in kept) == 100.0 and min(p[1] for p in kept) == 0.0
+
+
+def test_best_so_far_and_ticks() -> None:
+    assert best_so_far([(0, 1.0), (1, 0.5), (2, 2.0), (3, 2.0)]) == [(0, 1.0), (2, 2.0)]
+    assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(3.0, 3.0) == [3.0]
+
+
+def test_pages_are_self_contained(client: TestClient) -> None:
+    """Offline clusters: every asset is served by the dashboard itself."""
+    for url in ("/", "/studies/ties-done", "/studies/ties-done/trials/3", "/best", "/new"):
+        page = client.get(url).text
+        assert not re.search(r'(src|href)="(https?:)?//', page), url
+    assert client.get("/static/dashboard.js").status_code == 200
+    json.dumps(client.get("/static/style.css").text)

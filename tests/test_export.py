@@ -1,0 +1,182 @@
+"""Export: the checkpoint folder, its mergekit YAML (reproduced by mergekit), the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.export import export_checkpoint, export_recipe, mergekit_yaml
+from evomerge.merge import METHODS, build, get_method
+from evomerge.models import SourceSet
+from evomerge.recipe import Recipe, layer_group_names
+from tests.fixtures_models import NAMES, load_state
+from tests.test_merge_methods import recipe_for
+
+
+def run_mergekit(config_yaml: str, out: Path) -> dict[str, torch.Tensor]:
+    config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
+    run_merge(config, str(out), MergeOptions(quiet=True))
+    return load_state(out)
+
+
+def test_checkpoint_folder(tiny_sources, tmp_path):
+    recipe = recipe_for("ties", tiny_sources, dtype="bfloat16", seed=5)
+    out = export_checkpoint(recipe, tiny_sources, tmp_path / "merged", scores={"acc": 0.625})
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "recipe.json",
+        "mergekit_config.yml",
+        "tokenizer.json",
+    } <= names
+    assert Recipe.load(out / "recipe.json") == recipe
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    model = tiny_sources.new_model("bfloat16")
+    build(recipe, tiny_sources, model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name  # the scored model, exactly
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() == tiny_sources.tokenizer.get_vocab()
+    card = (out / "README.md").read_text()
+    for text in (
+        "ties",
+        "| acc | 0.625 |",
+        "`a`",
+        "| layers.2-3 | density |",
+        "normalize",
+        recipe.hash,
+        "merge_method: ties",
+    ):
+        assert text in card
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+DETERMINISTIC = sorted(name for name, m in METHODS.items() if m.deterministic)
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_mergekit_reproduces_the_export(method, tiny_sources, tmp_path):
+    """The YAML run through mergekit's own run_merge gives the exported tensors."""
+    recipe = recipe_for(method, tiny_sources, granularity=3)
+    out = export_checkpoint(recipe, tiny_sources, tmp_path / "ours")
+    theirs = run_mergekit((out / "mergekit_config.yml").read_text(), tmp_path / "mergekit")
+    ours = load_state(out)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_yaml_layout(tiny_sources):
+    paths = {n: str(p) for n, p in tiny_sources.paths.items()}
+    recipe = recipe_for("breadcrumbs_ties", tiny_sources, granularity=1, options={"lambda": 0.9})
+    config = yaml.safe_load(mergekit_yaml(recipe, paths))
+    assert config["merge_method"] == "breadcrumbs_ties" and config["base_model"] == paths["base"]
+    assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [
+        [i, i + 1] for i in range(4)
+    ]
+    first = config["slices"][0]["sources"][0]["parameters"]["gamma"]
+    assert first[0]["filter"] == "model.embed_tokens.weight" and "filter" not in first[-1]
+    assert config["parameters"]["lambda"] == 0.9 and config["out_dtype"] == "float32"
+    linear = yaml.safe_load(mergekit_yaml(recipe_for("linear", tiny_sources), paths))
+    assert "base_model" not in linear  # mergekit would add the base as a weighted input
+    with pytest.raises(ValueError, match=r"source_paths: no path for \['c'\]"):
+        mergekit_yaml(recipe, {k: v for k, v in paths.items() if k != "c"})
+
+
+def test_errors_leave_nothing(tiny_sources, tmp_path):
+    bad = recipe_for("ties", tiny_sources).model_copy(update={"sources": ("a", "b", "zoo:x")})
+    with pytest.raises(ValueError, match="zoo:x"):
+        export_checkpoint(bad, tiny_sources, tmp_path / "bad")
+
+    class Exploding(dict):
+        def items(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # fails after the weights are saved
+        export_checkpoint(
+            recipe_for("ties", tiny_sources), tiny_sources, tmp_path / "late", scores=Exploding(x=1)
+        )
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_checkpoint(recipe_for("ties", tiny_sources), tiny_sources, tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_cli_merge(tiny_llama, tmp_path):
+    sources = SourceSet.load(tiny_llama.base, tiny_llama.sources, names=NAMES)
+    recipe = recipe_for(
+        "task_arithmetic",
+        sources,
+        base=str(tiny_llama.base),
+        sources=tuple(str(p) for p in tiny_llama.sources),
+    )
+    recipe.save(tmp_path / "recipe.json")
+    (tmp_path / "scores.json").write_text(json.dumps({"search_fitness": 0.5}))
+    runner = CliRunner()
+    args = [
+        "merge",
+        str(tmp_path / "recipe.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--mergekit-yaml",
+        str(tmp_path / "m.yml"),
+        "--scores",
+        str(tmp_path / "scores.json"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "m.yml").read_text() == (
+        tmp_path / "out" / "mergekit_config.yml"
+    ).read_text()
+    assert "search_fitness" in (tmp_path / "out" / "README.md").read_text()
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "not empty" in again.output
+    missing = runner.invoke(app, ["merge", str(tmp_path / "nope.json"), "--out", "x"])
+    assert missing.exit_code == 2 and "recipe file not found" in missing.output
+    wrong = recipe.model_copy(update={"method": "tie"})
+    wrong.save(tmp_path / "wrong.json")
+    result = runner.invoke(
+        app, ["merge", str(tmp_path / "wrong.json"), "--out", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 2 and "unknown merge method" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_zoo_export_matches_mergekit(zoo_dir, tmp_path):
+    """Real trained relatives from the toy zoo, by `zoo:` reference, through mergekit."""
+    experts = ("zoo:add", "zoo:reverse", "zoo:translate")
+    for method in ("ties", "slerp"):
+        srcs = experts[:1] if method == "slerp" else experts
+        spec = get_method(method)
+        config = json.loads((zoo_dir / "base" / "config.json").read_text())
+        groups = layer_group_names(config["num_hidden_layers"], 2)
+        params = {
+            p.name: tuple(
+                (0.3 + 0.1 * g,) * (len(srcs) if p.per_source else 1) for g in range(len(groups))
+            )
+            for p in spec.params
+        }
+        recipe = Recipe(method=method, base="zoo:base", sources=srcs, groups=groups, params=params)
+        out = export_recipe(recipe, None, tmp_path / method, zoo_dir=zoo_dir)
+        theirs = run_mergekit((out / "mergekit_config.yml").read_text(), tmp_path / f"mk_{method}")
+        ours = load_state(out)
+        for name in ours:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
