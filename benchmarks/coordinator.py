@@ -108,8 +108,10 @@ def utilisation(store: Store, n_trials: int = 80) -> float:
     finished = max(r.finished_at for r in rows)
     wall = (finished - started).total_seconds()
     busy = len(rows) * FixedDurationWorker.DURATION
-    print(f"utilisation run: {len(rows)} trials in {wall:.1f} s ({time.perf_counter() - t0:.1f} s "
-          "with worker start-up)")
+    print(
+        f"utilisation run: {len(rows)} trials in {wall:.1f} s ({time.perf_counter() - t0:.1f} s "
+        "with worker start-up)"
+    )
     return busy / (cfg.workers.count * wall)
 
 
@@ -123,11 +125,15 @@ def main() -> None:
         store = Store(url)
         store.migrate()
         early, late = overhead(store, args.trials)
-        print(f"overhead per trial: {early * 1e3:.1f} ms at 100 trials, {late * 1e3:.1f} ms at "
-              f"{args.trials} trials; growth {late / early:.2f}x (floor: at most 2x)")
+        print(
+            f"overhead per trial: {early * 1e3:.1f} ms at 100 trials, {late * 1e3:.1f} ms at "
+            f"{args.trials} trials; growth {late / early:.2f}x (floor: at most 2x)"
+        )
         util = utilisation(store)
-        print(f"worker utilisation, 4 workers, {FixedDurationWorker.DURATION} s evaluations: "
-              f"{util:.1%} (floor: 90%)")
+        print(
+            f"worker utilisation, 4 workers, {FixedDurationWorker.DURATION} s evaluations: "
+            f"{util:.1%} (floor: 90%)"
+        )
 
 
 if __name__ == "__main__":

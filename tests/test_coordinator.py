@@ -41,8 +41,9 @@ def make_config(name: str, trials: int = 8) -> StudyConfig:
 
 
 def register(store: Store, cfg: StudyConfig) -> None:
-    store.create_study(cfg.name, cfg.to_yaml(), optuna_study_name=cfg.name,
-                       budget_trials=cfg.budget.trials)
+    store.create_study(
+        cfg.name, cfg.to_yaml(), optuna_study_name=cfg.name, budget_trials=cfg.budget.trials
+    )
 
 
 def generations(store: Store, name: str) -> list[int]:
@@ -78,8 +79,9 @@ def test_search_runs_records_and_rescores(zoo_dir, ray_local, store):
     assert all(r.heldout is not None for r in best)
     recipe = Recipe.from_json(best[0].recipe_json)
     assert recipe.sources == cfg.sources and recipe.method == "task_arithmetic"
-    assert optuna.load_study(study_name=cfg.name, storage=store.optuna_storage()).best_value == \
-        pytest.approx(max(r.fitness for r in done))
+    assert optuna.load_study(
+        study_name=cfg.name, storage=store.optuna_storage()
+    ).best_value == pytest.approx(max(r.fitness for r in done))
 
 
 class DiesOnceWorker(CandidateWorker):
@@ -151,17 +153,25 @@ def test_nan_candidate_is_a_failure_and_the_search_goes_on(zoo_dir, ray_local, s
 def _evomerge(*args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def test_resume_after_sigkill(zoo_dir, backend, tmp_path, request):
     """SIGKILL the coordinator three times at random moments; resume; nothing lost."""
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else \
-        f"sqlite:///{tmp_path / 'kill.db'}"
+    url = (
+        request.getfixturevalue("pg_url")
+        if backend == "postgres"
+        else f"sqlite:///{tmp_path / 'kill.db'}"
+    )
     budget = 14
     cfg_path = tmp_path / "study.yaml"
     cfg_path.write_text(CONFIG.format(name="killed", trials=budget))

@@ -82,7 +82,10 @@ class CandidateWorker:
         self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.sources = SourceSet.load(
-            spec.base_path, spec.source_paths, names=spec.sources, base_name=spec.base,
+            spec.base_path,
+            spec.source_paths,
+            names=spec.sources,
+            base_name=spec.base,
             device=device,
         )
         self.model = self.sources.new_model(spec.dtype)

@@ -41,7 +41,8 @@ def _open_store(url: str):
 
 def _drive(config: StudyConfig, store, *, new: bool) -> None:
     """Validate, register (for a new study) and run one study with a live progress bar."""
-    from evomerge.coordinator import Coordinator, Progress as RunProgress
+    from evomerge.coordinator import Coordinator
+    from evomerge.coordinator import Progress as RunProgress
     from storage import StudyBusyError
 
     try:
@@ -52,7 +53,9 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
         if store.get_study(config.name, missing_ok=True) is not None:
             raise fail(f"study {config.name!r} exists; use `evomerge resume {config.name}`", 2)
         store.create_study(
-            config.name, config.to_yaml(), optuna_study_name=config.name,
+            config.name,
+            config.to_yaml(),
+            optuna_study_name=config.name,
             budget_trials=config.budget.trials,
         )
     columns = (
@@ -129,14 +132,27 @@ def status(
     table = Table("study", "status", "trials", "best", "last activity")
     for r in rows:
         best = "-" if r.best_fitness is None else f"{r.best_fitness:.4f}"
-        table.add_row(r.name, r.status, f"{r.trials_done}/{r.budget_trials}", best,
-                      str(r.last_activity or "-"))
+        table.add_row(
+            r.name,
+            r.status,
+            f"{r.trials_done}/{r.budget_trials}",
+            best,
+            str(r.last_activity or "-"),
+        )
     console.print(table)
     if runs:
         rt = Table("run", "status", "pid", "host", "started", "ended", "heartbeat", "exit")
         for r in runs:
-            rt.add_row(str(r.id), r.status, str(r.pid), r.host, str(r.started_at),
-                       str(r.ended_at or "-"), str(r.heartbeat_at), r.exit_reason or "")
+            rt.add_row(
+                str(r.id),
+                r.status,
+                str(r.pid),
+                r.host,
+                str(r.started_at),
+                str(r.ended_at or "-"),
+                str(r.heartbeat_at),
+                r.exit_reason or "",
+            )
         console.print(rt)
 
 
@@ -158,8 +174,9 @@ def _print_best(
         summary = Recipe.from_json(r.recipe_json).summary()
         held = "-" if r.heldout is None else f"{r.heldout:.4f}"
         params = {k: v for k, v in summary.items() if k not in ("method", "hash")}
-        table.add_row(r.study, str(r.number), f"{r.fitness:.4f}", held, summary["method"],
-                      json.dumps(params))
+        table.add_row(
+            r.study, str(r.number), f"{r.fitness:.4f}", held, summary["method"], json.dumps(params)
+        )
     console.print(table)
     return rows
 
@@ -195,8 +212,12 @@ def export_trial(
         raise fail(f"study {study!r} has no {'complete trial' if trial is None else trial}", 2)
     row = rows[0]
     cfg = StudyConfig.from_yaml(store.get_study(study).config_yaml)
-    scores = {"search": row.metrics, "search_fitness": row.fitness,
-              "held-out": row.heldout_metrics, "held-out_fitness": row.heldout}
+    scores = {
+        "search": row.metrics,
+        "search_fitness": row.fitness,
+        "held-out": row.heldout_metrics,
+        "held-out_fitness": row.heldout,
+    }
     try:
         export_recipe(Recipe.from_json(row.recipe_json), cfg, out, scores, mergekit_yaml)
     except (FileNotFoundError, ValueError) as e:
@@ -214,4 +235,3 @@ def demo(
 
     url = _storage_url(storage)
     run_demo(CONFIGS_DIR / "demo.yaml", _open_store(url), study, _drive)
-

@@ -43,8 +43,16 @@ def jobs(size: Size) -> tuple[Job, list[Job], Job]:
         mix = {k: 0.3 * v / total for k, v in broad.items()}
         mix[skill] += 0.7
         experts.append(
-            Job(skill, expert_steps, 3e-4, mix, seed=100 + i, full=(skill,), answer_only=True,
-                warmup=30)
+            Job(
+                skill,
+                expert_steps,
+                3e-4,
+                mix,
+                seed=100 + i,
+                full=(skill,),
+                answer_only=True,
+                warmup=30,
+            )
         )
     stranger = Job("stranger", base_steps // 3, 3e-3, broad, seed=999)
     return base, experts, stranger
@@ -52,8 +60,9 @@ def jobs(size: Size) -> tuple[Job, list[Job], Job]:
 
 def recipe_hash(size: Size) -> str:
     base, experts, stranger = jobs(size)
-    text = json.dumps([asdict(j) for j in (base, *experts, stranger)], sort_keys=True,
-                      default=str) + json.dumps(SPLITS)
+    text = json.dumps(
+        [asdict(j) for j in (base, *experts, stranger)], sort_keys=True, default=str
+    ) + json.dumps(SPLITS)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -82,7 +91,7 @@ def eval_prompts(size: Size) -> dict[str, dict[str, list[tuple[str, str]]]]:
             p, a = skill.sample(rng, True)
             seen.setdefault(p, a)
         pairs = list(seen.items())
-        out[name] = {"search": pairs[: SPLITS["search"]], "held-out": pairs[SPLITS["search"]:]}
+        out[name] = {"search": pairs[: SPLITS["search"]], "held-out": pairs[SPLITS["search"] :]}
     return out
 
 
@@ -95,8 +104,13 @@ def _write_tasks(root: Path, prompts: dict) -> None:
             f = tasks / f"{name}.{split}.jsonl"
             f.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
             files[split] = f.name
-        spec = {"name": name, "kind": "generate", "description": SKILLS[name].description,
-                "splits": files, "max_new_tokens": 16}
+        spec = {
+            "name": name,
+            "kind": "generate",
+            "description": SKILLS[name].description,
+            "splits": files,
+            "max_new_tokens": 16,
+        }
         (tasks / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -113,25 +127,33 @@ def build_zoo(size: Size = "demo", out: Path | None = None, progress: bool = Tru
     say = print if progress else (lambda *_: None)
     base, experts, stranger = jobs(size)
     prompts = eval_prompts(size)
-    exclude = frozenset(p for splits in prompts.values() for pairs in splits.values()
-                        for p, _ in pairs)
+    exclude = frozenset(
+        p for splits in prompts.values() for pairs in splits.values() for p, _ in pairs
+    )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         t0 = time.perf_counter()
         ctx = mp.get_context("spawn")
         with ctx.Pool(2) as pool:
-            stranger_run = pool.apply_async(_train_expert, ((stranger, tmp / "stranger", None,
-                                                              exclude),))
+            stranger_run = pool.apply_async(
+                _train_expert, ((stranger, tmp / "stranger", None, exclude),)
+            )
             say(f"training base ({base.steps} steps) and stranger ({stranger.steps} steps)")
             train(base, tmp / "base", exclude=exclude)
             stranger_run.get()
             say(f"training {len(experts)} experts ({experts[0].steps} steps each)")
             pool.map(_train_expert, [(j, tmp / j.name, tmp / "base", exclude) for j in experts])
         _write_tasks(tmp, prompts)
-        manifest = {"size": size, "version": recipe_hash(size), "base": "base",
-                    "experts": {j.name: j.name for j in experts}, "stranger": "stranger",
-                    "tasks": sorted(SKILLS), "seconds": round(time.perf_counter() - t0, 1)}
+        manifest = {
+            "size": size,
+            "version": recipe_hash(size),
+            "base": "base",
+            "experts": {j.name: j.name for j in experts},
+            "stranger": "stranger",
+            "tasks": sorted(SKILLS),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
         if root.exists():
             shutil.rmtree(root)
