@@ -9,6 +9,7 @@ Uses the system Chromium headless; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def main() -> None:
             for name, path in targets(url).items():
                 shoot(page, base, path, args.out / f"{name}.png")
             page.goto(base + "/new")
-            text = page.input_value("#yaml").replace("count: 2", "count: 0")
-            page.fill("#yaml", text.replace("high: 1.0}", "high: -1.0}", 1))
+            text = re.sub(r"high: [\d.]+", "high: -1", page.input_value("#yaml"), count=1)
+            page.fill("#yaml", re.sub(r"count: \d+", "count: 0", text))
             page.click("button.primary")
             page.screenshot(path=str(args.out / "new-study-errors.png"), full_page=True)
             print(f"{args.out / 'new-study-errors.png'}  <- POST /new")

@@ -376,6 +376,7 @@ def test_new_study_starts_the_coordinator_process(
     assert page.status_code == 200 and "missing-model" in page.text
 
 
+@pytest.mark.slow
 def test_export_builds_a_checkpoint_in_the_export_folder(
     filled: str, client: TestClient, dirs: dict[str, Path], zoo_dir: Path
 ) -> None:
