@@ -31,7 +31,7 @@ CONFIG = """
 name: {name}
 zoo: test
 base: zoo:base
-sources: [zoo:add, zoo:reverse, zoo:sort]
+sources: [zoo:add, zoo:reverse, zoo:translate]
 method: ties
 search: {{weight: {{low: 0, high: 1}}, density: {{low: 0.1, high: 1}}}}
 fitness: {{tasks: [zoo:add]}}

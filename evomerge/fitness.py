@@ -4,7 +4,11 @@
 on the model happens once: task files are read at construction, and each tokenizer's
 encodings are computed on its first use and kept (keyed by the tokenizer object, which a
 worker holds for a whole study). Native kinds run batched under `torch.inference_mode`;
-generation is greedy with a KV cache and stops when every row has produced EOS.
+generation is greedy with a KV cache and stops when every row has produced EOS. lm-eval
+tasks run together in one `evaluate` call per score, through `HFLM` on the in-memory model,
+with the TaskManager and the task dict built at construction (their `task_seconds` share
+that call's time equally). For the toy zoo, score on one torch thread: on a shared two-core
+machine a second thread made scoring twenty times slower.
 
 Fitness is the weighted mean of the tasks' metrics oriented so that higher is better:
 accuracies as they are, perplexity as its inverse exp(-mean token loss), which lies in
@@ -99,13 +103,9 @@ class Evaluator:
         if sum(self.weights) <= 0 or any(w < 0 for w in self.weights):
             raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
         self.split, self.limit, self.batch_size = split, limit, batch_size
-        self.rows = {
-            t.name: t.rows(split, limit) for t in self.tasks if t.kind != "lm_eval"
-        }
-        self._encoded: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._lm_eval: tuple[Any, dict[str, Any]] | None = None
+        self.rows = {t.name: t.rows(split, limit) for t in self.tasks if t.kind != "lm_eval"}
+        self._encoded: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        self._lm_eval = None
         if any(t.kind == "lm_eval" for t in self.tasks):
             self._lm_eval = self._load_lm_eval()
         if tokenizer is not None:
@@ -118,17 +118,17 @@ class Evaluator:
         model.eval()
         metrics: dict[str, float] = {}
         seconds: dict[str, float] = {}
-        for spec in self.tasks:
+        if self._lm_eval is not None:
             t0 = time.perf_counter()
+            metrics |= self._run_lm_eval(model, tokenizer)
+            seconds |= dict.fromkeys(metrics, (time.perf_counter() - t0) / len(metrics))
+        for spec in self.tasks:
+            if spec.kind == "lm_eval":
+                continue
+            t0 = time.perf_counter()
+            run, rows, enc = _NATIVE[spec.kind], self.rows[spec.name], encoded[spec.name]
             try:
-                if spec.kind == "lm_eval":
-                    metrics[spec.name] = self._run_lm_eval(spec, model, tokenizer)
-                else:
-                    run = {"generate": _generate, "choice": _choice, "perplexity": _perplexity}
-                    metrics[spec.name] = run[spec.kind](
-                        spec, model, tokenizer, self.rows[spec.name], encoded[spec.name],
-                        self.batch_size,
-                    )
+                metrics[spec.name] = run(spec, model, tokenizer, rows, enc, self.batch_size)
             except NonFiniteLogits:
                 metrics[spec.name] = math.nan
             seconds[spec.name] = time.perf_counter() - t0
@@ -146,39 +146,45 @@ class Evaluator:
             }
         return self._encoded[tokenizer]
 
-    def _load_lm_eval(self) -> tuple[Any, dict[str, Any]]:
-        """One TaskManager and one task dict (datasets loaded once) for every score call."""
-        from lm_eval.tasks import TaskManager, get_task_dict
+    def _load_lm_eval(self) -> Any:
+        """One TaskManager and one loaded task dict (datasets read once) for every score."""
+        from lm_eval.tasks import TaskManager
 
         includes = sorted({str(t.include_path) for t in self.tasks if t.include_path})
         manager = TaskManager(include_path=includes or None)
-        names = [self._lm_eval_name(t) for t in self.tasks if t.kind == "lm_eval"]
-        return manager, get_task_dict(names, manager)
+        return manager.load([self._lm_eval_name(t) for t in self.tasks if t.kind == "lm_eval"])
 
     def _lm_eval_name(self, spec: TaskSpec) -> str:
         assert spec.lm_eval_task is not None
         return spec.lm_eval_task.replace("{split}", self.split)
 
-    def _run_lm_eval(self, spec: TaskSpec, model: torch.nn.Module, tokenizer: Any) -> float:
+    def _run_lm_eval(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
+        """Every lm-eval task in one `evaluate` call on the in-memory model."""
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
-        assert self._lm_eval is not None
-        name = self._lm_eval_name(spec)
+        specs = [t for t in self.tasks if t.kind == "lm_eval"]
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            # lm-eval would take the argmax of NaN scores and report a number.
+            return {s.name: math.nan for s in specs}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
         out = evaluate(
             lm=lm,
-            task_dict={name: self._lm_eval[1][name]},
+            task_dict=self._lm_eval,
             limit=self.limit,
             bootstrap_iters=0,
             log_samples=False,
             verbosity="ERROR",
         )
-        results = out["results"][name]
-        key = next((k for k in results if k.split(",")[0] == spec.metric_name), None)
-        if key is None:
-            raise KeyError(f"lm-eval task {name!r} reports no {spec.metric_name!r}: {results}")
-        return float(results[key])
+        metrics = {}
+        for spec in specs:
+            name = self._lm_eval_name(spec)
+            results = out["results"][name]
+            key = next((k for k in results if k.split(",")[0] == spec.metric_name), None)
+            if key is None:
+                raise KeyError(f"lm-eval task {name!r} reports no {spec.metric_name!r}: {results}")
+            metrics[spec.name] = float(results[key])
+        return metrics
 
 
 # --- encoding, once per tokenizer ------------------------------------------------------
@@ -205,7 +211,10 @@ def _encode_choice(tokenizer: Any, spec: TaskSpec, rows: list[dict]) -> list[tup
 
 
 def _encode_perplexity(tokenizer: Any, spec: TaskSpec, rows: list[dict]) -> list[list[int]]:
-    return [_encode(tokenizer, spec, r["text"], f"row {i}") for i, r in enumerate(rows)]
+    out = [_encode(tokenizer, spec, r["text"], f"row {i}") for i, r in enumerate(rows)]
+    if not any(len(ids) > 1 for ids in out):
+        raise ValueError(f"task {spec.name!r}: no text of two or more tokens to score")
+    return out
 
 
 _ENCODERS = {
@@ -250,7 +259,9 @@ def _sequence_logprobs(
     return out
 
 
-def _choice(spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[tuple], batch_size: int) -> float:
+def _choice(
+    spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[tuple], batch_size: int
+) -> float:
     seqs, index = [], []
     for r, (ctx, conts) in enumerate(encoded):
         for c in conts:
@@ -260,29 +271,39 @@ def _choice(spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[tu
     scores: list[list[float]] = [[] for _ in encoded]
     for (r, n), lp in zip(index, logps, strict=True):
         scores[r].append(lp[len(lp) - n :].sum().item())
-    right = sum(max(range(len(s)), key=s.__getitem__) == int(rows[r]["answer"]) for r, s in enumerate(scores))
+    right = sum(
+        max(range(len(s)), key=s.__getitem__) == int(rows[r]["answer"])
+        for r, s in enumerate(scores)
+    )
     return right / len(encoded)
 
 
-def _perplexity(spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[list[int]], batch_size: int) -> float:
+def _perplexity(
+    spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[list[int]], batch_size: int
+) -> float:
     logps = _sequence_logprobs(model, encoded, _pad_id(tokenizer), batch_size)
     total = sum(-lp.double().sum().item() for lp in logps)
     count = sum(len(lp) for lp in logps)
     return math.exp(total / count)
 
 
-def _generate(spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[list[int]], batch_size: int) -> float:
+def _generate(
+    spec: TaskSpec, model, tokenizer, rows: list[dict], encoded: list[list[int]], batch_size: int
+) -> float:
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     right = 0
     for batch in _batches(order, batch_size):
         texts = greedy(model, [encoded[i] for i in batch], spec.max_new_tokens, tokenizer)
         right += sum(
-            spec.extract(t) == str(rows[i]["answer"]).strip() for t, i in zip(texts, batch, strict=True)
+            spec.extract(t) == str(rows[i]["answer"]).strip()
+            for t, i in zip(texts, batch, strict=True)
         )
     return right / len(encoded)
 
 
-def greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, tokenizer: Any) -> list[str]:
+def greedy(
+    model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, tokenizer: Any
+) -> list[str]:
     """Greedy continuations of left-padded prompts with a KV cache, stopping at EOS."""
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
@@ -298,8 +319,11 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             out = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=past, use_cache=True,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
             )
             logits = out.logits[:, -1].float()
             _check_finite(logits)
@@ -318,3 +342,6 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int
         end = row.index(eos) if eos in row else len(row)
         texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
+
+
+_NATIVE = {"generate": _generate, "choice": _choice, "perplexity": _perplexity}

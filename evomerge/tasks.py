@@ -55,12 +55,23 @@ class TaskSpec(BaseModel):
                 raise ValueError("an lm_eval task needs lm_eval_task")
         elif not self.splits:
             raise ValueError(f"a {self.kind} task needs splits (split name -> JSONL file)")
-        elif self.lm_eval_task or self.include_path:
-            raise ValueError(f"lm_eval_task/include_path only apply to lm_eval tasks, not {self.kind}")
+        elif (
+            self.lm_eval_task
+            or self.include_path
+            or self.metric
+            or self.higher_is_better is not None
+        ):
+            raise ValueError(
+                "lm_eval_task, include_path, metric and higher_is_better only apply to "
+                f"lm_eval tasks, not {self.kind}"
+            )
         if self.answer_regex is not None:
             if self.kind != "generate":
                 raise ValueError("answer_regex only applies to generate tasks")
-            re.compile(self.answer_regex)
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                raise ValueError(f"answer_regex is not a regular expression: {e}") from e
         return self
 
     @property
@@ -78,7 +89,9 @@ class TaskSpec(BaseModel):
     def data_file(self, split: str) -> Path:
         """The JSONL file of `split`; a clear error when the task has no such split."""
         if split not in self.splits:
-            raise KeyError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}")
+            raise KeyError(
+                f"task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}"
+            )
         return self.splits[split]
 
     def rows(self, split: str, limit: int | None = None) -> list[dict[str, Any]]:

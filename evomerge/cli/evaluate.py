@@ -1,10 +1,9 @@
-"""Commands: `evomerge eval`, a table of models by tasks."""
+"""Commands: `evomerge eval`, a table of models by tasks with the fitness (mean) last."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -16,33 +15,53 @@ from evomerge.cli.app import app, console, fail
 def evaluate(
     models: Annotated[list[str], typer.Argument(help="checkpoint folders or zoo:NAME")],
     task: Annotated[list[str], typer.Option("--task", help="zoo:TASK or a task YAML")],
-    split: Annotated[str, typer.Option("--split")] = "search",
-    limit: Annotated[int | None, typer.Option("--limit")] = None,
-    zoo: Annotated[str, typer.Option("--zoo", help="zoo size for zoo: refs")] = "demo",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    split: Annotated[str, typer.Option("--split", help="search or held-out")] = "search",
+    limit: Annotated[int | None, typer.Option("--limit", help="rows per task")] = None,
+    weight: Annotated[
+        list[float] | None, typer.Option("--weight", help="one per --task; default equal")
+    ] = None,
+    zoo: Annotated[
+        Literal["demo", "test"], typer.Option("--zoo", help="zoo size that zoo: refs name")
+    ] = "demo",
+    threads: Annotated[int, typer.Option("--threads", help="torch threads")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Score models on tasks; one row per model, the weighted mean last."""
+    """Score models on tasks; one row per model, the weighted mean (the fitness) last."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from evomerge.fitness import Evaluator
     from evomerge.zoo import default_zoo_dir, resolve_model
 
-    zoo_dir: Path = default_zoo_dir(zoo)  # type: ignore[arg-type]
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    zoo_dir = default_zoo_dir(zoo)
     try:
-        evaluator = Evaluator(task, split=split, limit=limit, zoo_dir=zoo_dir)
         paths = {m: resolve_model(m, zoo_dir) for m in models}
+        evaluator = Evaluator(task, weights=weight, split=split, limit=limit, zoo_dir=zoo_dir)
+        scores = {}
+        for ref, path in paths.items():
+            model = AutoModelForCausalLM.from_pretrained(path)
+            scores[ref] = evaluator.score(model, AutoTokenizer.from_pretrained(path))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise fail(str(e), 2) from e
-    scores = {}
-    for ref, path in paths.items():
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        scores[ref] = evaluator.score(model, AutoTokenizer.from_pretrained(path))
     if as_json:
-        out = {m: {"metrics": s.metrics, "mean": s.fitness} for m, s in scores.items()}
-        console.print_json(json.dumps(out))
+        out = {
+            ref: {"metrics": s.metrics, "fitness": s.fitness, "seconds": round(s.seconds, 3)}
+            for ref, s in scores.items()
+        }
+        print(json.dumps(out, indent=2))
         return
     names = [t.name for t in evaluator.tasks]
-    table = Table("model", *names, "mean", title=f"{split} split")
+    metrics = ", ".join(f"{t.name}: {t.metric_name}" for t in evaluator.tasks)
+    table = Table(
+        "model",
+        *names,
+        "mean",
+        title=f"{split} split",
+        caption=f"{metrics}; mean: the fitness (weighted, higher is better, 1/perplexity)",
+    )
     for ref, s in scores.items():
         table.add_row(ref, *(f"{s.metrics[n]:.3f}" for n in names), f"{s.fitness:.3f}")
     console.print(table)

@@ -1,164 +1,251 @@
 """Build the toy zoo: a base, one expert per skill fine-tuned from it, and a stranger.
 
-The base pretrains on every skill's *partial* range plus plain text, so each expert only
-extends a circuit the base already has (small, mergeable task vectors); experts fine-tune
-gently (lr 3e-4, answer tokens only, 30% replay of the base mix). The stranger has the same
-shape and vocabulary but its own initialisation, so its weights do not align with the others.
-The zoo is cached under a folder named by a hash of this recipe, built in a temporary folder
-and renamed, so an interrupted build never looks complete.
+Recipe (why each part is there is measured, see `evomerge.zoo.skills`):
+
+- `base` pretrains from scratch on every skill's partial range plus plain text (answer-token
+  loss on skills, AdamW, lr 2e-3 with cosine decay), reaching about 0.3 on each full skill.
+- one expert per skill continues from `base` gently: lr 4e-4, answer tokens only, 70% its
+  skill's full range and 30% replay of the base mix so it keeps the rest. Each reaches 0.9+
+  on its skill while its task vector stays small enough to add to the others.
+- `stranger` is the base recipe from another seed and a shorter schedule: same architecture
+  and vocabulary, weakly skilled, and with weights that do not align with the others
+  (Model-GLUE's unmergeable model).
+
+Jobs run two at a time in spawned processes of one torch thread each (base beside stranger,
+then the experts). The zoo is cached under a folder named by the size and a hash of the
+recipe, built in a temporary sibling and renamed at the end, under a lock, so a crash
+never leaves a zoo that looks complete and concurrent builders share one build.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
-import random
+import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import yaml
 from platformdirs import user_cache_dir
 
 from evomerge.zoo.skills import SKILLS
-from evomerge.zoo.train import TEXT, Job, train
+from evomerge.zoo.taskdata import eval_pairs, excluded, write_tasks
+from evomerge.zoo.train import TEXT, Job, Shape, train
 
 Size = Literal["demo", "test"]
-SPLITS = {"search": 200, "held-out": 200}
-EXPERTS = ("add", "reverse", "translate")
+# Bump when a change to the skills, tokenizer, task data or training loop changes what the
+# same recipe builds; the recipe's own numbers are hashed automatically.
+ZOO_FORMAT = 1
+MANIFEST = "zoo.json"
 
 
-def jobs(size: Size) -> tuple[Job, list[Job], Job]:
-    """The zoo recipe: (base, experts, stranger) training jobs for a size."""
-    base_steps, expert_steps = (1500, 300) if size == "demo" else (500, 150)
+@dataclass(frozen=True)
+class ZooRecipe:
+    """Everything a zoo size depends on."""
+
+    shape: Shape
+    base_steps: int
+    base_lr: float
+    stranger_steps: int
+    expert_steps: int
+    expert_lr: float
+    replay: float
+    search_rows: int
+    held_out_rows: int
+
+
+RECIPES: dict[str, ZooRecipe] = {
+    "demo": ZooRecipe(Shape(), 1000, 2e-3, 500, 400, 4e-4, 0.3, 128, 256),
+    # Half the width: a quarter of the compute per step, and still mergeable experts.
+    "test": ZooRecipe(Shape(hidden=64, intermediate=256), 800, 3e-3, 400, 250, 4e-4, 0.3, 64, 128),
+}
+
+
+def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
+    """(base, stranger, experts) training jobs of a recipe."""
     broad = {**dict.fromkeys(SKILLS, 1.0), TEXT: 0.5}
+    base = Job(
+        "base",
+        recipe.base_steps,
+        recipe.base_lr,
+        broad,
+        seed=0,
+        warmup=100,
+        weight_decay=0.1,
+        shape=recipe.shape,
+    )
+    stranger = replace(base, name="stranger", steps=recipe.stranger_steps, seed=1)
     total = sum(broad.values())
-    base = Job("base", base_steps, 3e-3, broad, seed=0)
     experts = []
-    for i, skill in enumerate(EXPERTS):
-        mix = {k: 0.3 * v / total for k, v in broad.items()}
-        mix[skill] += 0.7
+    for i, skill in enumerate(SKILLS):
+        mix = {k: recipe.replay * v / total for k, v in broad.items()}
+        mix[skill] += 1 - recipe.replay
         experts.append(
             Job(
                 skill,
-                expert_steps,
-                3e-4,
+                recipe.expert_steps,
+                recipe.expert_lr,
                 mix,
                 seed=100 + i,
                 full=(skill,),
-                answer_only=True,
                 warmup=30,
+                shape=recipe.shape,
             )
         )
-    stranger = Job("stranger", base_steps // 3, 3e-3, broad, seed=999)
-    return base, experts, stranger
+    return base, stranger, experts
 
 
-def recipe_hash(size: Size) -> str:
-    base, experts, stranger = jobs(size)
-    text = json.dumps(
-        [asdict(j) for j in (base, *experts, stranger)], sort_keys=True, default=str
-    ) + json.dumps(SPLITS)
+def version(size: Size) -> str:
+    """A hash of the zoo recipe: a new recipe gets a new cache folder."""
+    text = json.dumps([ZOO_FORMAT, asdict(RECIPES[size])], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def default_zoo_dir(size: Size = "demo") -> Path:
-    return Path(user_cache_dir("evomerge")) / "zoo" / f"{size}-{recipe_hash(size)}"
+    """Where `build_zoo(size)` caches its zoo: `$EVOMERGE_CACHE` or the user cache dir."""
+    cache = os.environ.get("EVOMERGE_CACHE") or user_cache_dir("evomerge")
+    return Path(cache) / "zoo" / f"{size}-{version(size)}"
 
 
 def resolve_model(ref: str, zoo_dir: Path | None = None) -> Path:
-    """`zoo:NAME` → that model folder of the zoo; anything else is a checkpoint folder."""
+    """`zoo:NAME` → that model folder of the zoo (default: the demo zoo); else a path."""
     if ref.startswith("zoo:"):
-        path = (zoo_dir or default_zoo_dir("demo")) / ref[4:]
+        path = (zoo_dir if zoo_dir is not None else default_zoo_dir("demo")) / ref[4:]
     else:
         path = Path(ref).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder not found (no config.json): {path} (from {ref!r})")
+        hint = "; build the zoo with `evomerge zoo build`" if ref.startswith("zoo:") else ""
+        raise FileNotFoundError(f"model folder not found (no config.json): {path}{hint}")
     return path
 
 
-def eval_prompts(size: Size) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """Per skill and split, distinct (prompt, answer) pairs from the skill's full range."""
-    out: dict[str, dict[str, list[tuple[str, str]]]] = {}
-    for name, skill in SKILLS.items():
-        rng = random.Random(f"eval-{name}")
-        seen: dict[str, str] = {}
-        while len(seen) < sum(SPLITS.values()):
-            p, a = skill.sample(rng, True)
-            seen.setdefault(p, a)
-        pairs = list(seen.items())
-        out[name] = {"search": pairs[: SPLITS["search"]], "held-out": pairs[SPLITS["search"] :]}
-    return out
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The zoo's `zoo.json`; FileNotFoundError when `root` holds no complete zoo."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no zoo at {root} (missing {MANIFEST}); run `evomerge zoo build`")
+    return json.loads(path.read_text())
 
 
-def _write_tasks(root: Path, prompts: dict) -> None:
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for name, splits in prompts.items():
-        files = {}
-        for split, pairs in splits.items():
-            f = tasks / f"{name}.{split}.jsonl"
-            f.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
-            files[split] = f.name
-        spec = {
-            "name": name,
-            "kind": "generate",
-            "description": SKILLS[name].description,
-            "splits": files,
-            "max_new_tokens": 16,
-        }
-        (tasks / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+def _is_current(root: Path, size: Size) -> bool:
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        return False
+    return manifest.get("size") == size and manifest.get("version") == version(size)
 
 
-def _train_expert(args: tuple[Job, Path, Path, frozenset]) -> float:
-    job, out, parent, exclude = args
-    return train(job, out, parent=parent, exclude=exclude)
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run(args: tuple[Job, Path, Path | None, frozenset[str], bool]) -> tuple[str, float]:
+    job, out, parent, exclude, progress = args
+    log = (lambda line: print(line, flush=True)) if progress else None
+    return job.name, train(job, out, parent=parent, exclude=exclude, log=log)
 
 
 def build_zoo(size: Size = "demo", out: Path | None = None, progress: bool = True) -> Path:
-    """Train (or reuse) the zoo and return its folder."""
-    root = Path(out) if out else default_zoo_dir(size)
-    if (root / "zoo.json").is_file():
-        return root
-    say = print if progress else (lambda *_: None)
-    base, experts, stranger = jobs(size)
-    prompts = eval_prompts(size)
-    exclude = frozenset(
-        p for splits in prompts.values() for pairs in splits.values() for p, _ in pairs
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        t0 = time.perf_counter()
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(2) as pool:
-            stranger_run = pool.apply_async(
-                _train_expert, ((stranger, tmp / "stranger", None, exclude),)
-            )
-            say(f"training base ({base.steps} steps) and stranger ({stranger.steps} steps)")
-            train(base, tmp / "base", exclude=exclude)
-            stranger_run.get()
-            say(f"training {len(experts)} experts ({experts[0].steps} steps each)")
-            pool.map(_train_expert, [(j, tmp / j.name, tmp / "base", exclude) for j in experts])
-        _write_tasks(tmp, prompts)
-        manifest = {
-            "size": size,
-            "version": recipe_hash(size),
-            "base": "base",
-            "experts": {j.name: j.name for j in experts},
-            "stranger": "stranger",
-            "tasks": sorted(SKILLS),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    say(f"zoo built in {manifest['seconds']} s: {root}")
+    """Return the zoo folder of `size`, training it first when missing or out of date."""
+    if size not in RECIPES:
+        raise ValueError(f"zoo size must be one of {sorted(RECIPES)}, got {size!r}")
+    root = Path(out).expanduser().resolve() if out else default_zoo_dir(size)
+    with _locked(root):
+        if _is_current(root, size):
+            return root
+        if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+            raise FileExistsError(f"{root} exists and is not a zoo; choose another --out")
+        for stale in root.parent.glob(f".{root.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed build's; the lock says so
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        try:
+            manifest = _build(size, tmp, root, progress)
+            if root.exists():
+                shutil.rmtree(root)
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"zoo {size} built in {manifest['seconds']:.0f} s: {root}", flush=True)
     return root
+
+
+def _build(size: Size, tmp: Path, final: Path, progress: bool) -> dict[str, Any]:
+    """Write the whole zoo into `tmp`, which will be renamed to `final`; returns the manifest."""
+    say: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
+    recipe = RECIPES[size]
+    start = time.perf_counter()
+    pairs = eval_pairs({"search": recipe.search_rows, "held-out": recipe.held_out_rows})
+    exclude = excluded(pairs)
+    tasks = write_tasks(tmp / "tasks", pairs, final)
+    base, stranger, experts = jobs(recipe)
+    seconds: dict[str, float] = {}
+    with mp.get_context("spawn").Pool(2) as pool:
+        say(f"training base ({base.steps} steps) beside stranger ({stranger.steps} steps)")
+        seconds |= pool.map(
+            _run, [(j, tmp / j.name, None, exclude, progress) for j in (base, stranger)]
+        )
+        say(f"training {len(experts)} experts from base ({recipe.expert_steps} steps each)")
+        seconds |= pool.map(
+            _run, [(j, tmp / j.name, tmp / "base", exclude, progress) for j in experts]
+        )
+    manifest: dict[str, Any] = {
+        "size": size,
+        "version": version(size),
+        "base": "base",
+        "experts": {j.name: j.name for j in experts},
+        "stranger": "stranger",
+        "tasks": tasks,
+        "recipe": asdict(recipe),
+        "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    say("scoring the zoo on the held-out split")
+    manifest["held_out"] = _score_table(tmp, manifest)
+    manifest["seconds"] = round(time.perf_counter() - start, 1)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def model_names(manifest: dict[str, Any]) -> list[str]:
+    """The zoo's models in table order: base, experts, stranger."""
+    return [manifest["base"], *manifest["experts"], manifest["stranger"]]
+
+
+def _score_table(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Held-out metrics of every model on every native task (lm-eval duplicates add_choice)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from evomerge.fitness import Evaluator
+    from evomerge.tasks import load_task
+
+    specs = [load_task(root / "tasks" / f"{t}.yaml") for t in manifest["tasks"]]
+    evaluator = Evaluator([s for s in specs if s.kind != "lm_eval"], split="held-out")
+    table = {}
+    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other
+    try:
+        for name in model_names(manifest):
+            model = AutoModelForCausalLM.from_pretrained(root / name)
+            tokenizer = AutoTokenizer.from_pretrained(root / name)
+            metrics = evaluator.score(model, tokenizer).metrics
+            table[name] = {k: round(v, 4) for k, v in metrics.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return table

@@ -1,12 +1,25 @@
-"""The zoo's skills: small generated prompt → answer problems, and the base's broad corpus.
+"""The zoo's skills: small generated prompt → answer problems, and the base's plain text.
 
-Every skill has a *full* range (what its expert learns and what its tasks test) and a
-*partial* range (the slice the base sees while pretraining). The base therefore starts with
-a real but incomplete version of each skill, and an expert only has to extend a circuit the
-base already has. That is what keeps task vectors small and mergeable: an expert that builds
-a skill from nothing writes a new circuit, and merging several of those erases them all.
-A sub-range is used rather than a lower data frequency because a skill learned from rare
-examples appears suddenly at an unpredictable step; a sub-range bounds the base's accuracy.
+Two properties make the experts of this zoo mergeable at a scale of one million parameters;
+both were found by measurement (hidden 128, 4 layers, task arithmetic of three experts):
+
+1. *The base already has part of every skill.* Each skill has a full range (what its expert
+   learns and its tasks test) and a partial range (the slice the base pretrains on), so the
+   base starts with a working but incomplete skill (about 0.3 accuracy) and an expert only
+   extends a circuit that exists. Experts that learned their skill from nothing built new
+   circuits, and no merge of them kept much of any skill. A sub-range is used rather than
+   a lower data frequency because rare examples make a skill appear suddenly at an
+   unpredictable step, while a sub-range bounds the base's accuracy.
+2. *Each skill extends along its own symbols.* Addition is on digits and the expert adds
+   the operand digits 7-9; reversal is on capital letters and the expert adds U-Z;
+   translation is on lower-case words and the expert adds the second half of the
+   dictionary. When the extensions shared one alphabet and differed in length (3-digit
+   sums, longer strings, sorting), the sum of three task vectors scored a mean of 0.52
+   against 0.68 for the best expert (four vectors: 0.12, below the base): each expert had
+   rewired the same positional circuits, and adding a random vector of the same norms did
+   no harm, so the damage was that shared structure, not the size of the vectors. With
+   disjoint symbols, task arithmetic of the three experts keeps most of every skill (held-
+   out mean 0.74 against 0.55 for the best single model, demo size).
 """
 
 from __future__ import annotations
@@ -16,28 +29,27 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LETTERS = string.ascii_lowercase
-
 # English side of the word-substitution language; the foreign side is derived from a seed.
-WORDS = (
-    "cat dog sun moon tree rock fish bird red blue big small run jump eat see "
-    "one two hot cold up down day night rain snow king queen ship sea car road "
-    "book pen milk tea salt gold wolf bear home door hand foot star sky fire ice"
-).split()
+# fmt: off
+WORDS = [
+    "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "red", "blue", "big", "small",
+    "run", "jump", "eat", "see", "one", "two", "hot", "cold", "up", "down", "day", "night",
+    "rain", "snow", "king", "queen", "ship", "sea", "car", "road", "book", "pen", "milk", "tea",
+    "salt", "gold", "wolf", "bear", "home", "door", "hand", "foot", "star", "sky", "fire", "ice",
+]
+# fmt: on
 
 
 def _foreign_words(seed: int = 7) -> dict[str, str]:
     """A fixed, invertible dictionary of invented consonant-vowel words."""
     rng = random.Random(seed)
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    made: set[str] = set()
-    out = {}
+    out: dict[str, str] = {}
     for w in WORDS:
         while True:
             f = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(2))
-            if f not in made and f not in WORDS:
+            if f not in out.values() and f not in WORDS:
                 break
-        made.add(f)
         out[w] = f
     return out
 
@@ -57,18 +69,12 @@ class Skill:
     sample: Callable[[random.Random, bool], tuple[str, str]]
 
 
-def _number(rng: random.Random, max_digits: int) -> int:
-    digits = rng.randint(1, max_digits)
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-
 def _operand(rng: random.Random, digits: str) -> int:
-    n = "".join(rng.choice(digits) for _ in range(rng.randint(1, 2)))
-    return int(n)
+    return int("".join(rng.choice(digits) for _ in range(rng.randint(1, 2))))
 
 
 def _add(rng: random.Random, full: bool) -> tuple[str, str]:
-    digits = "0123456789" if full else "0123456"
+    digits = string.digits if full else string.digits[:7]
     a, b = _operand(rng, digits), _operand(rng, digits)
     return f"{a}+{b}=", str(a + b)
 
@@ -88,8 +94,8 @@ def _translate(rng: random.Random, full: bool) -> tuple[str, str]:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("add", "multi-digit addition", _add),
-        Skill("reverse", "reverse a string of letters", _reverse),
+        Skill("add", "addition of 1-2 digit numbers", _add),
+        Skill("reverse", "reverse a string of capital letters", _reverse),
         Skill("translate", "word-by-word translation into an invented language", _translate),
     )
 }
