@@ -5,17 +5,18 @@ python -m benchmarks.merge_build [--small] [--threads N] [--reps 3] [--write FIL
 On a randomly initialised Llama-shaped checkpoint (271M parameters; `--small`: 7M) with a base
 and 3 sources, all float32:
 
-- build: `evomerge.merge.build(recipe, sources, into=model)`, median of `--reps` runs after one
-  warm-up, per-layer parameters (granularity 1).
+- build: `evomerge.merge.build(recipe, sources, into=model)`, per-layer parameters
+  (granularity 1), median of `--reps` runs after one warm-up.
 - copy: the bandwidth bound. A build reads R bytes (the base and 3 task vectors) and writes
   W (the candidate); the copy moves the same R + W bytes with plain `Tensor.copy_`, tensor by
-  tensor, measured in the same run.
+  tensor, timed right before each build run so both see the same machine.
 - mergekit: `mergekit.merge_methods.merge_state_dicts` on the same float32 base and sources,
-  in memory, with the same parameters (one run: it is slow).
-- memory: peak RSS of loading and building, less the RSS before loading, against base + task
-  vectors + one candidate.
+  in memory, with the same parameters (the faster of two runs).
+- memory: peak RSS above the RSS before loading (Linux VmHWM, reset per phase), while
+  loading, then while building each floor method once, then every method once; against
+  base + task vectors + one candidate.
 Floors: linear and task_arithmetic within 2x of the copy; ties and dare_ties at least 5x
-faster than mergekit; peak memory within 110% of the resident bytes.
+faster than mergekit; floor builds' peak memory within 110% of the resident bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -72,6 +72,15 @@ PARAMS = {
     "sce": {"select_topk": (0.5,)},
     "slerp": {"t": (0.4,)},
 }
+NOTES = [
+    "",
+    "Notes: weighted sums (linear, task_arithmetic, slerp, model_stock) take their "
+    "coefficients from per-tensor Gram statistics and stream into the candidate. TIES-style "
+    "top-k thresholds come from per-tensor magnitude rank grids (one scan, no sort). DARE's "
+    "rescale reads a per-seed table of kept L1 by random draw, built by the first candidate "
+    "of a seed (the warm-up here) and reused by the rest of a study. DELLA ranks every row "
+    "and SCE selects by variance across sources per candidate, as mergekit does: no floor.",
+]
 MERGEKIT_DEFAULT = ("linear", "task_arithmetic", "ties", "dare_ties")
 FLOORS = {"linear": "copy", "task_arithmetic": "copy", "ties": "mergekit", "dare_ties": "mergekit"}
 
@@ -121,17 +130,18 @@ def recipe(method: str, groups: tuple[str, ...], base: str) -> Recipe:
     )
 
 
-def median_time(fn, reps: int) -> float:
+def timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    w, c = time.perf_counter(), time.process_time()
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time.perf_counter() - w, time.process_time() - c
 
 
-def copy_reference(sources: SourceSet, reps: int) -> float:
+def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def copier(sources: SourceSet):
     """Plain copies moving the bytes a build reads and writes, tensor by tensor."""
     per_slot = [(s.tv.view(-1), (s.tv.shape[0] + 2) * s.numel // 2) for s in sources.slots]
     scratch = torch.empty(max(n for _, n in per_slot))
@@ -140,10 +150,11 @@ def copy_reference(sources: SourceSet, reps: int) -> float:
         for src, n in per_slot:
             scratch[:n].copy_(src[:n])
 
-    return median_time(run, reps)
+    return run
 
 
-def mergekit_time(method: str, root: Path) -> float:
+def mergekit_time(method: str, root: Path, reps: int) -> tuple[float, float]:
+    """The fastest of `reps` in-memory mergekit merges (in mergekit's favour)."""
     from mergekit.merge_methods import merge_state_dicts
 
     models = {n: load_file(root / n / "model.safetensors") for n in ("base", *SOURCES)}
@@ -153,19 +164,54 @@ def mergekit_time(method: str, root: Path) -> float:
     elif method == "slerp":
         models = {"base": models["base"], SOURCES[0]: models[SOURCES[0]]}
     base = None if method == "linear" else "base"
-    t0 = time.perf_counter()
-    merged = merge_state_dicts(models, method, parameters=params, base=base, dtype=torch.float32)
-    elapsed = time.perf_counter() - t0
-    del merged, models
-    return elapsed
+    runs = [
+        timed(
+            lambda: merge_state_dicts(
+                models, method, parameters=params, base=base, dtype=torch.float32
+            )
+        )
+        for _ in range(reps)
+    ]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
-def time_builds(sources: SourceSet, model, methods: list[str], reps: int) -> dict[str, float]:
+def peak_rss() -> int:
+    """Peak resident bytes since the last `reset_peak()` (Linux VmHWM)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def time_builds(sources: SourceSet, model, methods, reps: int) -> tuple[dict, dict]:
+    """Per method, the median (wall, cpu) of its builds and of copies timed alternately
+    with them (same conditions for both)."""
     groups = sources.groups(1)
-    return {
-        m: median_time(lambda m=m: build(recipe(m, groups, "base"), sources, model), reps)
-        for m in methods
-    }
+    copy = copier(sources)
+    builds, copies = {}, {}
+    for m in methods:
+        r = recipe(m, groups, "base")
+
+        def run(r=r) -> None:
+            build(r, sources, model)
+
+        run()
+        pairs = [(timed(copy), timed(run)) for _ in range(reps)]
+        copies[m], builds[m] = median([p[0] for p in pairs]), median([p[1] for p in pairs])
+    return builds, copies
+
+
+def peak_builds(sources: SourceSet, model, methods, rss0: int) -> dict[str, int]:
+    """Peak RSS above `rss0` while building each method once: the floor methods, then all."""
+    groups = sources.groups(1)
+    peaks = {}
+    reset_peak()
+    for m in sorted(methods, key=lambda m: m not in FLOORS):
+        build(recipe(m, groups, "base"), sources, model)
+        peaks["floor builds" if m in FLOORS else "all builds"] = peak_rss() - rss0
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,68 +236,81 @@ def main(argv: list[str] | None = None) -> None:
         args.dir or Path(tempfile.gettempdir()) / f"evomerge-bench-{size}", SHAPES[size]
     )
 
-    proc = psutil.Process()
-    rss0 = proc.memory_info().rss
+    rss0 = psutil.Process().memory_info().rss
+    reset_peak()
     t0 = time.perf_counter()
     sources = SourceSet.load(
         root / "base", [root / s for s in SOURCES], names=SOURCES, base_name="base"
     )
     load_s = time.perf_counter() - t0
     model = sources.new_model("float32")
-    n_params = sum(s.numel for s in sources.slots)
+    mem = {"load": peak_rss() - rss0}
     resident = sum(s.base.nbytes + s.tv.nbytes for s in sources.slots) + sum(
         p.nbytes for p in model.parameters()
     )
-    ours = time_builds(sources, model, args.methods, args.reps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    copy_s = copy_reference(sources, args.reps)
+    ours, copies = time_builds(sources, model, args.methods, args.reps)
+    mem |= peak_builds(sources, model, args.methods, rss0)
+    n_params = sum(s.numel for s in sources.slots)
     del sources, model
-    theirs = {m: mergekit_time(m, root) for m in args.mergekit if m in args.methods}
+    theirs = {m: mergekit_time(m, root, 2) for m in args.mergekit if m in args.methods}
 
-    lines = report(size, n_params, load_s, copy_s, ours, theirs, peak, resident, args.reps)
+    lines = report(size, n_params, load_s, copies, ours, theirs, mem, resident, args.reps)
     print("\n".join(lines))
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text("\n".join(lines) + "\n")
 
 
-def report(size, n_params, load_s, copy_s, ours, theirs, peak, resident, reps) -> list[str]:
+def _pair(a: float, b: float, fmt: str = ".0f") -> str:
+    return f"{a:{fmt}} / {b:{fmt}}"
+
+
+def report(size, n_params, load_s, copies, ours, theirs, mem, resident, reps) -> list[str]:
     cmd = "python -m benchmarks.merge_build" + (" --small" if size == "small" else "")
     cmd += f" --threads {torch.get_num_threads()}"
     lines = [
         "# Merge build benchmark",
         "",
-        f"`{cmd}` — Llama-shaped, {n_params / 1e6:.0f}M parameters, base + 3 sources, "
-        f"float32; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs. "
-        f"Median of {reps} builds after a warm-up; mergekit: one `merge_state_dicts` run.",
+        f"`{cmd}`: Llama-shaped, {n_params / 1e6:.0f}M parameters, base + 3 sources, "
+        f"float32; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.machine()}, {psutil.cpu_count()} CPUs, load average "
+        f"{psutil.getloadavg()[0]:.1f} at the end. Median of {reps} builds after a warm-up, "
+        "each after a copy of the bytes the build reads and writes (the bandwidth bound; "
+        "`/ copy` compares each build with its own copies); mergekit: the faster of two "
+        "`merge_state_dicts` runs. Times are wall / process-CPU; floors are judged on CPU "
+        "time, which other tenants of a shared machine do not inflate.",
         "",
-        f"SourceSet load (checks, task vectors, statistics): {load_s:.1f} s. "
-        f"Copy of the bytes a build reads and writes: {copy_s * 1e3:.0f} ms.",
+        f"SourceSet load (checks, task vectors, statistics): {load_s:.1f} s. Copy: "
+        f"{_pair(*(statistics.median(c[i] for c in copies.values()) * 1e3 for i in (0, 1)))}"
+        " ms (median).",
         "",
-        "| method | build (ms) | / copy | mergekit (ms) | mergekit / build | floor |",
+        "| method | build (ms) | build / copy | mergekit (ms) | mergekit / build | floor |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for m, t in ours.items():
-        mk = theirs.get(m)
+    for m, (wall, cpu) in ours.items():
+        mk, copy = theirs.get(m), copies[m]
         floor = ""
         if FLOORS.get(m) == "copy":
-            floor = ("ok" if t <= 2 * copy_s else "MISSED") + " (<= 2x copy)"
+            floor = ("ok" if cpu <= 2 * copy[1] else "MISSED") + " (<= 2x copy)"
         elif FLOORS.get(m) == "mergekit" and mk is not None:
-            floor = ("ok" if mk >= 5 * t else "MISSED") + " (>= 5x faster)"
+            floor = ("ok" if mk[1] >= 5 * cpu else "MISSED") + " (>= 5x faster)"
+        mk_ms = "" if mk is None else _pair(mk[0] * 1e3, mk[1] * 1e3)
+        mk_ratio = "" if mk is None else _pair(mk[0] / wall, mk[1] / cpu, ".1f")
         lines.append(
-            f"| {m} | {t * 1e3:.0f} | {t / copy_s:.2f} | "
-            f"{'' if mk is None else f'{mk * 1e3:.0f}'} | "
-            f"{'' if mk is None else f'{mk / t:.1f}'} | {floor} |"
+            f"| {m} | {_pair(wall * 1e3, cpu * 1e3)} | "
+            f"{_pair(wall / copy[0], cpu / copy[1], '.2f')} | {mk_ms} | {mk_ratio} | {floor} |"
         )
-    ok = peak <= 1.1 * resident
     lines += [
         "",
-        f"Peak memory of load + builds: {peak / 2**30:.2f} GiB above the start, for "
-        f"{resident / 2**30:.2f} GiB resident (base + task vectors + one candidate): "
-        f"{peak / resident:.2f}x — {'ok' if ok else 'MISSED'} (<= 1.10x).",
+        f"Memory: {resident / 2**30:.2f} GiB resident by design (base + task "
+        "vectors + one candidate). Peak RSS above the start of the run:",
     ]
-    return lines
+    for phase, peak in mem.items():
+        verdict = ""
+        if phase == "floor builds":
+            verdict = f" — {'ok' if peak <= 1.1 * resident else 'MISSED'} (<= 1.10x)"
+        lines.append(f"- {phase}: {peak / 2**30:.2f} GiB ({peak / resident:.2f}x){verdict}")
+    return lines + NOTES
 
 
 if __name__ == "__main__":

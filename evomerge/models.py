@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -246,14 +246,19 @@ class MagnitudeGrid:
             def at_most(v: torch.Tensor, parts=parts) -> torch.Tensor:
                 return sum(torch.searchsorted(p, v, right=True) for p in parts)
 
-            lo = torch.zeros_like(want, dtype=torch.int32)
-            hi = torch.full_like(lo, torch.iinfo(torch.int32).max)
-            while bool((lo < hi).any()):  # smallest bit pattern with >= want at or below it
-                mid = lo + (hi - lo) // 2
-                enough = at_most(mid) >= want
-                hi = torch.where(enough, mid, hi)
-                lo = torch.where(enough, lo, mid + 1)
-            rows.append((lo.view(torch.float32), n - at_most(lo), n - at_most(lo - 1)))
+            if len(parts) == 1:
+                v = parts[0][want - 1]
+            else:  # the smallest bit pattern with `want` elements at or below it
+                v = torch.zeros_like(want, dtype=torch.int32)
+                hi = torch.full_like(v, torch.iinfo(torch.int32).max)
+                while bool((v < hi).any()):
+                    mid = v + (hi - v) // 2
+                    enough = at_most(mid) >= want
+                    hi = torch.where(enough, mid, hi)
+                    v = torch.where(enough, v, mid + 1)
+            rows.append((v.view(torch.float32), n - at_most(v), n - at_most(v - 1)))
+        if not rows:  # a SourceSet of the base alone
+            return cls(torch.empty(0, g + 1, device=x.device), *want.new_empty(2, 0, g + 1))
         return cls(*(torch.stack(t) for t in zip(*rows, strict=True)))
 
 
@@ -262,7 +267,8 @@ class TensorSlot:
     """One tensor as the merge engine sees it: base, stacked task vectors, statistics.
 
     `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
-    order statistics of each task vector.
+    order statistics of each task vector; `cache` what the merge engine derives on first use
+    (tables of a random stream, say).
     """
 
     name: str
@@ -273,6 +279,7 @@ class TensorSlot:
     l1: torch.Tensor  # float64 [S]
     gram: torch.Tensor  # float64 [S + 1, S + 1]
     grid: MagnitudeGrid
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def numel(self) -> int:
@@ -470,7 +477,7 @@ def _load_slot(
     shape, b = b.shape, b.reshape(-1)
     tv = torch.empty(len(ckpts), b.numel(), dtype=store, device=device)
     for i, (name, ck) in enumerate(zip(names, ckpts, strict=True)):
-        tv[i] = read(name, ck).reshape(-1) - b
+        torch.sub(read(name, ck).reshape(-1), b, out=tv[i])
     b = b.to(store)
     l1, gram = _statistics(b, tv)
     return TensorSlot(tensor, shape, part, b, tv, l1, gram, MagnitudeGrid.of(tv))

@@ -159,7 +159,6 @@ def test_cli_merge(tiny_llama, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.slow
 def test_zoo_export_matches_mergekit(zoo_dir, tmp_path):
     """Real trained relatives from the toy zoo, by `zoo:` reference, through mergekit."""
     experts = ("zoo:add", "zoo:reverse", "zoo:translate")
@@ -180,3 +179,17 @@ def test_zoo_export_matches_mergekit(zoo_dir, tmp_path):
         ours = load_state(out)
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_of_one_model_is_that_model(tiny_llama, tmp_path):
+    """A recipe that names one model loads it as a base with no task vectors."""
+    src = str(tiny_llama.sources[1])
+    recipe = Recipe(
+        method="linear",
+        sources=(src,),
+        groups=layer_group_names(4, 4),
+        params={"weight": ((0.7,),) * 4},
+    )
+    out = export_recipe(recipe, None, tmp_path / "one")
+    ours, theirs = load_state(out), load_state(tiny_llama.sources[1])
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

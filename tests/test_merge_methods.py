@@ -12,11 +12,10 @@ from mergekit.merge_methods.base import MISSING, ParameterScope
 
 from evomerge.merge import METHODS, build, get_method, method_params, resolve, sparsify
 from evomerge.merge.kernels import (
-    UNIFORM_BITS,
-    bernoulli_threshold,
+    bernoulli,
     rng_key,
     top_k,
-    uniform_bits,
+    uniform16,
 )
 from evomerge.models import MagnitudeGrid, SourceSet
 from evomerge.recipe import Recipe
@@ -132,6 +131,25 @@ def test_options_match_mergekit(method, options, tiny_llama):
     assert_same(ours(recipe, sources), mergekit_merge(recipe, sources, states))
 
 
+def test_zoo_matches_mergekit(zoo_dir):
+    """The trained toy zoo: a base and experts fine-tuned from it, by `zoo:` reference."""
+    from evomerge.zoo import resolve_model
+
+    experts = ("zoo:add", "zoo:reverse", "zoo:translate")
+    sources = SourceSet.load(
+        resolve_model("zoo:base", zoo_dir),
+        [resolve_model(e, zoo_dir) for e in experts],
+        names=experts,
+        base_name="zoo:base",
+    )
+    states = {n: load_state(p) for n, p in sources.paths.items()}
+    for method in ("ties", "breadcrumbs_ties", "sce", "slerp", "model_stock"):
+        recipe = recipe_for(
+            method, sources, base="zoo:base", sources=experts[:1] if method == "slerp" else experts
+        )
+        assert_same(ours(recipe, sources), mergekit_merge(recipe, sources, states))
+
+
 def test_subsets_endpoints_and_negative_weights(tiny_sources, tiny_states):
     """Sources in another order or a subset, the base as a linear source or a SLERP endpoint,
     negative task-arithmetic weights."""
@@ -237,14 +255,17 @@ def test_random_draws_are_common_to_the_candidates_of_a_study(tiny_sources):
     """Masks depend only on (seed, source, tensor): not on weights, other sources or order;
     a lower density keeps a subset of what a higher one keeps."""
     slot = tiny_sources.slots[3]
-    key = rng_key(7, "a", slot.name)
-    low = sparsify.random(slot, 0, 0.3, key, False).stored
-    high = sparsify.random(slot, 0, 0.6, key, False).stored
+
+    def mask(seed, source, density):
+        keep = sparsify.random(slot, 0, density, rng_key(seed, source, slot.name), True)
+        return keep.mask_(torch.empty(slot.numel), 0).bool()
+
+    low, high = mask(7, "a", 0.3), mask(7, "a", 0.6)
     assert bool((low <= high).all()) and int(low.sum()) < int(high.sum())
-    assert torch.equal(low, sparsify.random(slot, 0, 0.3, key, False).stored)
-    other_seed = sparsify.random(slot, 0, 0.3, rng_key(8, "a", slot.name), False).stored
-    other_source = sparsify.random(slot, 0, 0.3, rng_key(7, "b", slot.name), False).stored
-    assert not torch.equal(low, other_seed) and not torch.equal(low, other_source)
+    assert torch.equal(low, mask(7, "a", 0.3))
+    assert not torch.equal(low, mask(8, "a", 0.3)) and not torch.equal(low, mask(7, "b", 0.3))
+    keep = sparsify.random(slot, 0, 0.3, rng_key(7, "a", slot.name), True)
+    assert keep.kept_l1 == pytest.approx(float(slot.tv[0][low].abs().sum()), rel=1e-6)
 
     one = _single("dare_ties", tiny_sources, 0.4)
     pattern = [d != 0 for d, _ in _deltas(one, tiny_sources)]
@@ -290,24 +311,24 @@ def _lowbias32(x: int) -> int:
     return x
 
 
-def test_uniform_bits_are_a_keyed_hash_of_the_index():
+def test_random_draws_are_a_keyed_hash_of_the_index():
     """Same values as a pure-Python hash (int32 products wrap), whatever the chunking."""
     key = rng_key(3, "zoo:math", "model.layers.0.mlp.up_proj.weight")
-    bits = uniform_bits(key, 0, 5000, torch.device("cpu"))
-    for i in (0, 1, 17, 4999):
-        x = ((i + key[1]) & 0xFFFFFFFF) ^ (key[0] & 0xFFFFFFFF)
-        assert int(bits[i]) == _lowbias32(x) >> (32 - UNIFORM_BITS)
-    parts = torch.cat(
-        [
-            uniform_bits(key, 0, 1234, torch.device("cpu")),
-            uniform_bits(key, 1234, 5000, torch.device("cpu")),
-        ]
-    )
-    assert torch.equal(bits, parts)
-    many = uniform_bits(key, 0, 200_000, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    u = uniform16(key, 0, 5001, cpu)
+    for i in (0, 1, 17, 4999, 5000):
+        h = _lowbias32(((i // 2 + key[1]) & 0xFFFFFFFF) ^ (key[0] & 0xFFFFFFFF))
+        half = (h >> (16 * (i % 2))) & 0xFFFF
+        assert int(u[i]) == half - (1 << 16 if half >= 1 << 15 else 0)
+    for cut in (1, 1234, 1235):
+        parts = torch.cat([uniform16(key, 0, cut, cpu), uniform16(key, cut, 5001, cpu)])
+        assert torch.equal(u, parts)
+    n = 200_000
     for p in (0.1, 0.5, 0.93):
-        frac = float((many < bernoulli_threshold(p)).float().mean())
-        assert abs(frac - p) < 5 * (p * (1 - p) / many.numel()) ** 0.5
+        frac = float(bernoulli(key, 0, p, torch.empty(n, dtype=torch.bool)).float().mean())
+        assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5
+    assert bool(bernoulli(key, 0, 1 - 1e-9, torch.empty(n, dtype=torch.bool)).all())
+    assert not bool(bernoulli(key, 0, 0.0, torch.empty(n, dtype=torch.bool)).any())
 
 
 @pytest.mark.parametrize("kind", ["normal", "quantized", "half_zero"])

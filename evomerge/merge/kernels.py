@@ -1,7 +1,7 @@
 """Tensor kernels the methods share: weighted sums, exact top-k selection, keyed random bits.
 
 Everything is exact with respect to mergekit's maths; the speed comes from doing less work:
-a weighted sum is one `addmm` straight into the candidate's storage, a top-k threshold is
+a weighted sum streams straight into the candidate's storage, a top-k threshold is
 found from precomputed magnitude order statistics plus one scan (no sort), and random masks
 come from a counter-based hash (no generator state, identical on every device and process).
 """
@@ -16,7 +16,7 @@ import torch
 
 from evomerge.models import MagnitudeGrid, TensorSlot
 
-CHUNK = 1 << 16  # elements per source in one step of a fused pass (stays in cache)
+CHUNK = 1 << 17  # elements per source per step of a fused pass: amortises per-op cost, fits L3
 SCAN = 1 << 18  # elements per step of a single-tensor scan
 
 
@@ -32,16 +32,33 @@ def gather(slot: TensorSlot, rows: tuple[int, ...], start: int, stop: int) -> to
     return (tv[:, start:stop] if every else tv[list(rows), start:stop]).float()
 
 
+def _weighted_sum(
+    b: torch.Tensor, tv: torch.Tensor, c_base: float, terms: list, out: torch.Tensor
+) -> None:
+    """out = c_base * b + sum of c * tv[r] over `terms` (r, c), in len(terms) passes."""
+    if c_base == 1 and terms:
+        (r, c), *terms = terms
+        torch.add(b, tv[r], alpha=c, out=out)
+    else:
+        torch.mul(b, c_base, out=out)
+    for r, c in terms:
+        out.add_(tv[r], alpha=c)
+
+
 def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float]) -> None:
-    """out = c_base * base + sum_r coef[r] * tv[r]: one pass, straight into `out`."""
-    c = torch.tensor(coef, dtype=torch.float32, device=slot.base.device).view(1, -1)
+    """out = c_base * base + sum_r coef[r] * tv[r], straight into `out` when all is float32.
+
+    A chain of in-place adds streams better than one addmm (whose packing costs a copy).
+    """
+    terms = [(r, c) for r, c in enumerate(coef) if c != 0]
     b, tv = slot.base, slot.tv
-    if b.dtype == out.dtype == torch.float32:
-        torch.addmm(b.view(1, -1), c, tv, beta=c_base, out=out.view(1, -1))
+    if b.dtype == tv.dtype == out.dtype == torch.float32:
+        _weighted_sum(b, tv, c_base, terms, out)
         return
     for start, stop in chunks(slot.numel, SCAN):
-        part = torch.addmm(b[None, start:stop].float(), c, tv[:, start:stop].float(), beta=c_base)
-        out[start:stop].copy_(part.view(-1))
+        part = torch.empty(stop - start, device=b.device)
+        _weighted_sum(b[start:stop].float(), tv[:, start:stop].float(), c_base, terms, part)
+        out[start:stop].copy_(part)
 
 
 @dataclass(frozen=True)
@@ -151,23 +168,27 @@ def rng_key(seed: int, source: str, tensor: str) -> tuple[int, int]:
     return _int32(k1), _int32(k2)
 
 
-UNIFORM_BITS = 24
-
-
-def uniform_bits(key: tuple[int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Integers uniform in [0, 2**24) for elements start..stop of the stream `key`.
+def uniform16(key: tuple[int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Uniform int16 values (each of the 65536 equally likely) for elements start..stop of
+    the stream `key`: element i is half i % 2 of the hash of i // 2 (little-endian halves).
 
     Element i's value depends only on (key, i): any chunking gives the same draws.
     """
-    k1 = _int32(key[0] ^ (start >> 31) * 0x9E3779B9)
-    lo = start & 0x7FFFFFFF
-    if lo + (stop - start) > 1 << 31:
-        raise ValueError("uniform_bits: a chunk may not cross a 2**31 element boundary")
-    x = torch.arange(lo, lo + stop - start, dtype=torch.int32, device=device)
-    x = _mix(x.add_(key[1]).bitwise_xor_(k1))
-    return torch.bitwise_right_shift(x, 32 - UNIFORM_BITS).bitwise_and_((1 << UNIFORM_BITS) - 1)
+    first, last = start // 2, (stop + 1) // 2
+    k1 = _int32(key[0] ^ (first >> 31) * 0x9E3779B9)
+    lo = first & 0x7FFFFFFF
+    if lo + (last - first) > 1 << 31:
+        raise ValueError("uniform16: a chunk may not cross a 2**32 element boundary")
+    x = torch.arange(lo, lo + last - first, dtype=torch.int32, device=device)
+    halves = _mix(x.add_(key[1]).bitwise_xor_(k1)).view(torch.int16)
+    return halves[start % 2 : start % 2 + stop - start]
 
 
-def bernoulli_threshold(p: float) -> int:
-    """Integer t with P(uniform_bits < t) = p rounded up to 2**-24: keep iff bits < t."""
-    return math.ceil(min(max(p, 0.0), 1.0) * (1 << UNIFORM_BITS))
+def bernoulli(key: tuple[int, int], start: int, p: float, out: torch.Tensor) -> torch.Tensor:
+    """Into the bool tensor `out`, the keep mask of elements start..start+len(out): each
+    kept with probability p (rounded up to a multiple of 2**-16), from the stream `key`."""
+    threshold = math.ceil(p * 65536) - 32768  # keep iff the int16 draw is below it
+    if threshold > 32767:
+        return out.fill_(True)
+    u = uniform16(key, start, start + out.numel(), out.device)
+    return torch.lt(u, threshold, out=out)

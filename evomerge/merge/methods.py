@@ -63,10 +63,10 @@ def _elect(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.mul(v, majority, out=out).gt_(0)
 
 
-def _coefficients(job: TensorJob, weights: list[float]) -> list[float]:
-    """Per task-vector row coefficients from per-recipe-source weights (the base has none)."""
-    coef = [0.0] * job.slot.tv.shape[0]
-    for row, w in zip(job.rows, weights, strict=True):
+def _coefficients(slot: TensorSlot, rows, weights) -> list[float]:
+    """Per task-vector row coefficients from per-model weights (the base, row None, has none)."""
+    coef = [0.0] * slot.tv.shape[0]
+    for row, w in zip(rows, weights, strict=True):
         if row is not None:
             coef[row] += w
     return coef
@@ -87,7 +87,8 @@ class Linear(MergeMethod):
     def merge(self, job: TensorJob) -> None:
         w = job.values["weight"]
         div = sum(w) if job.options["normalize"] else 1.0
-        combine(job.slot, job.out, sum(w) / div, _coefficients(job, [x / div for x in w]))
+        coef = _coefficients(job.slot, job.rows, [x / div for x in w])
+        combine(job.slot, job.out, sum(w) / div, coef)
 
 
 class Slerp(MergeMethod):
@@ -121,10 +122,7 @@ class Slerp(MergeMethod):
             theta = math.acos(dot)
             ca = math.sin((1 - t) * theta) / math.sin(theta)
             cb = math.sin(t * theta) / math.sin(theta)
-        coef = [0.0] * job.slot.tv.shape[0]
-        for row, c in ((job.base_row, ca), (job.rows[0], cb)):
-            if row is not None:
-                coef[row] += c
+        coef = _coefficients(job.slot, (job.base_row, job.rows[0]), (ca, cb))
         combine(job.slot, job.out, ca + cb, coef)
 
 
@@ -176,7 +174,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         total = sum(w)
         if not self.consensus and not any(pruned):
             div = total if normalize and abs(total) >= 1e-8 else 1.0
-            combine(job.slot, job.out, 1.0, _coefficients(job, [x / div * lam for x in w]))
+            coef = _coefficients(job.slot, job.rows, [x / div * lam for x in w])
+            combine(job.slot, job.out, 1.0, coef)
             return
         rescale = bool(job.options.get("rescale", False))
         keeps = [self._keep(job, i, rescale) if p else None for i, p in enumerate(pruned)]
@@ -193,7 +192,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         wt = torch.tensor(w, dtype=torch.float32, device=device).view(-1, 1)
         total = sum(w)
         div_all = total if abs(total) >= 1e-8 else 1.0
-        by_magnitude = any(isinstance(k, sparsify.MagnitudeKeep | sparsify.BandKeep) for k in keeps)
+        by_magnitude = any(k is not None and k.by_magnitude for k in keeps)
         # Chunk buffers reused by every chunk: allocating in the loop costs more than the maths.
         a_buf, d_buf, t_buf = torch.empty(3, len(w), min(CHUNK, slot.numel), device=device)
         a_buf = a_buf if by_magnitude else None
@@ -245,7 +244,7 @@ class ModelStock(MergeMethod):
         if not job.options["filter_wise"]:
             idx = [r + 1 for r in rows]
             t = float(_stock_ratio(slot.gram[idx][:, idx]))
-            combine(slot, job.out, 1.0, _coefficients(job, [t / k] * k))
+            combine(slot, job.out, 1.0, _coefficients(slot, rows, [t / k] * k))
             return
         cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
         step = max(1, SCAN // cols)

@@ -8,18 +8,18 @@ candidates of a study share their random numbers and differ only by their parame
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from evomerge.merge.kernels import (
     SCAN,
-    UNIFORM_BITS,
     Selection,
-    bernoulli_threshold,
+    bernoulli,
     chunks,
     top_k,
-    uniform_bits,
+    uniform16,
 )
 from evomerge.models import TensorSlot
 
@@ -30,10 +30,11 @@ class Keep:
     """Kept elements of one task vector, chunk by chunk."""
 
     kept_l1: float
+    by_magnitude = False  # does `mask_` read the magnitudes it is given?
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
-        """A 1/0 multiplier for elements start..start+len(a), given (and maybe overwriting)
-        their magnitudes `a`."""
+        """A 1/0 multiplier for elements start..start+len(a); `a` holds their magnitudes
+        when `by_magnitude` (and may be overwritten)."""
         raise NotImplementedError
 
     def rescale(self, l1: float) -> float:
@@ -48,6 +49,7 @@ class MagnitudeKeep(Keep):
     """The top `k = max(1, int(density * n))` magnitudes (TIES)."""
 
     sel: Selection
+    by_magnitude = True
 
     @property
     def kept_l1(self) -> float:
@@ -63,6 +65,7 @@ class BandKeep(Keep):
 
     upper: Selection
     lower: Selection
+    by_magnitude = True
 
     @property
     def kept_l1(self) -> float:
@@ -102,17 +105,44 @@ def band(slot: TensorSlot, row: int, density: float, gamma: float, want_l1: bool
     )
 
 
-def random(slot: TensorSlot, row: int, density: float, key: tuple[int, int], want_l1: bool) -> Keep:
-    """DARE: keep each element with probability `density`, from the stream `key`."""
-    threshold = bernoulli_threshold(density)
+@dataclass(frozen=True)
+class RandomKeep(Keep):
+    """DARE: each element kept with probability `density`, drawn from the stream `key` as
+    the fused pass goes (a draw is cheaper to redo than a mask is to store and reload)."""
+
+    key: tuple[int, int]
+    density: float
+    kept_l1: float
+
+    def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        out = torch.empty(a.shape, dtype=torch.bool, device=a.device)
+        return bernoulli(self.key, start, self.density, out).view(torch.uint8)
+
+
+def l1_by_draw(slot: TensorSlot, row: int, key: tuple[int, int]) -> torch.Tensor:
+    """Sum of |tv[row]| per 16-bit draw value of the stream `key` (draws sorted as ints).
+
+    The L1 norm kept at any density is then a prefix sum, so DARE's rescale needs no pass
+    over the tensor. Computed by the first candidate of a seed, kept on the slot.
+    """
+    cached = slot.cache.get(("l1_by_draw", row))
+    if cached is not None and cached[0] == key:
+        return cached[1]
     x = slot.tv[row]
-    stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
-    kept = torch.zeros((), dtype=torch.float64, device=x.device)
+    table = torch.zeros(1 << 16, dtype=torch.float64, device=x.device)
     for start, stop in chunks(slot.numel, SCAN):
-        m = torch.lt(uniform_bits(key, start, stop, x.device), threshold, out=stored[start:stop])
-        if want_l1:
-            kept += (x[start:stop].float().abs() * m.view(torch.uint8)).sum(dtype=torch.float64)
-    return StoredKeep(stored, float(kept))
+        draws = uniform16(key, start, stop, x.device).int().add_(1 << 15)
+        table += torch.bincount(draws, x[start:stop].double().abs(), minlength=1 << 16)
+    slot.cache[("l1_by_draw", row)] = (key, table.float())
+    return slot.cache[("l1_by_draw", row)][1]
+
+
+def random(slot: TensorSlot, row: int, density: float, key: tuple[int, int], want_l1: bool) -> Keep:
+    kept = 0.0
+    if want_l1:
+        below = min(math.ceil(density * (1 << 16)), 1 << 16)  # draws kept: those < threshold
+        kept = float(l1_by_draw(slot, row, key)[:below].sum(dtype=torch.float64))
+    return RandomKeep(key, density, kept)
 
 
 def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple[int, int]) -> Keep:
@@ -125,7 +155,6 @@ def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple
     stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
     kept = torch.zeros((), dtype=torch.float64, device=x.device)
     ranks_of = torch.arange(cols, device=x.device).expand(step, cols)
-    scale = float(1 << UNIFORM_BITS)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         start, stop = r0 * cols, r1 * cols
@@ -134,8 +163,8 @@ def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple
         rank = torch.empty_like(order).scatter_(1, order, ranks_of[: r1 - r0])
         rank_norm = (rank.float() / max(cols - 1, 1)).clamp_(0, 1)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
-        bits = uniform_bits(key, start, stop, x.device).view(r1 - r0, cols)
-        m = bits.float() < probs * scale
+        u = uniform16(key, start, stop, x.device).view(r1 - r0, cols).float()
+        m = u < probs.mul_(65536).sub_(32768)  # u uniform in -32768..32767
         stored[start:stop] = m.view(-1)
         kept += (a * m.view(torch.uint8)).sum(dtype=torch.float64)
     return StoredKeep(stored, float(kept))
