@@ -12,12 +12,15 @@ $(STAMP): pyproject.toml
 	# CPU torch from the local wheel first; an existing torch is left alone.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The dashboard's browser tests drive Debian's Chromium (never a downloaded browser).
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/evomerge demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(STAMP)

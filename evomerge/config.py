@@ -131,6 +131,16 @@ class StudyConfig(_Frozen):
                 )
         return self
 
+    def model_paths(self) -> dict[str, Path]:
+        """Base and sources resolved to folders (zoo refs against this study's zoo size).
+
+        Raises FileNotFoundError naming the first missing model.
+        """
+        from evomerge.zoo import default_zoo_dir, resolve_model  # loads torch: only when needed
+
+        zoo_dir = default_zoo_dir(self.zoo or "demo")
+        return {ref: resolve_model(ref, zoo_dir) for ref in (self.base, *self.sources)}
+
     def to_yaml(self) -> str:
         """The snapshot stored with the study (resume rebuilds the config from it)."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -335,9 +335,3 @@ class Coordinator:
                         self.config.name, int(outcome.key), result.metrics, result.fitness
                     )
             self.store.heartbeat(run_id)
-
-
-def open_config_for_resume(store: Store, study: str) -> StudyConfig:
-    """The config a study was started with, from its stored snapshot."""
-    row = store.get_study(study)
-    return StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r} (stored config)")

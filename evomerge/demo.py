@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.cli.app import console
 from evomerge.config import StudyConfig
 from evomerge.fitness import Evaluator
-from evomerge.zoo import build_zoo, default_zoo_dir, resolve_model
+from evomerge.zoo import build_zoo, default_zoo_dir
 
 
 def score_models(config: StudyConfig, refs: list[str], split: str = "held-out") -> dict:
@@ -23,8 +23,9 @@ def score_models(config: StudyConfig, refs: list[str], split: str = "held-out") 
     limit = config.fitness.heldout_limit if split == "held-out" else config.fitness.limit
     evaluator = Evaluator(tasks, weights, split=split, limit=limit, zoo_dir=zoo_dir)
     out = {}
+    paths = config.model_paths()
     for ref in refs:
-        path = resolve_model(ref, zoo_dir)
+        path = paths[ref]
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         out[ref] = evaluator.score(model, AutoTokenizer.from_pretrained(path))
     return out

@@ -16,21 +16,10 @@ from pathlib import Path
 from playwright.sync_api import Page, sync_playwright
 
 from evomerge.dashboard import create_app
-from evomerge.dashboard.sample import config_yaml, fill_study, serving
+from evomerge.dashboard.sample import CHROMIUM, CHROMIUM_ARGS, config_yaml, fill_study, serving
 from storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def sample_storage(folder: Path) -> str:
@@ -85,7 +74,7 @@ def main() -> None:
             run_dir=folder / "runs",
         )
         with serving(app) as base, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             for name, path in targets(url).items():
                 shoot(page, base, path, args.out / f"{name}.png")

@@ -19,29 +19,17 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from evomerge.cli.study import CONFIGS_DIR
 from evomerge.dashboard import create_app
-from evomerge.dashboard.sample import fill_study, serving
+from evomerge.dashboard.sample import CHROMIUM, CHROMIUM_ARGS, fill_study, serving
 from evomerge.recipe import Recipe
 from storage import Store
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
         yield browser
         browser.close()
 

@@ -21,7 +21,7 @@ from evomerge.fitness import Evaluator
 from evomerge.merge import build
 from evomerge.models import SourceSet
 from evomerge.recipe import Recipe
-from evomerge.zoo import default_zoo_dir, resolve_model
+from evomerge.zoo import default_zoo_dir
 
 
 class WorkerSpec(BaseModel):
@@ -44,17 +44,17 @@ class WorkerSpec(BaseModel):
     @classmethod
     def from_config(cls, config: StudyConfig) -> WorkerSpec:
         """Resolve every model ref; a missing folder raises FileNotFoundError naming it."""
-        zoo_dir = default_zoo_dir(config.zoo or "demo")
+        paths = config.model_paths()
         return cls(
             base=config.base,
-            base_path=str(resolve_model(config.base, zoo_dir)),
+            base_path=str(paths[config.base]),
             sources=config.sources,
-            source_paths=tuple(str(resolve_model(s, zoo_dir)) for s in config.sources),
+            source_paths=tuple(str(paths[s]) for s in config.sources),
             tasks=tuple(t.task for t in config.fitness.tasks),
             weights=tuple(t.weight for t in config.fitness.tasks),
             limit=config.fitness.limit,
             heldout_limit=config.fitness.heldout_limit,
-            zoo_dir=str(zoo_dir),
+            zoo_dir=str(default_zoo_dir(config.zoo or "demo")),
             dtype=config.dtype,
             torch_threads=config.workers.torch_threads,
         )

@@ -27,6 +27,20 @@ TASKS = ("zoo:add", "zoo:reverse", "zoo:translate")
 NUM_LAYERS = 8
 
 
+# Debian's Chromium, headless, with the flags that keep it off this offline machine's network.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 def config_yaml(
     name: str,
     method: str = "ties",

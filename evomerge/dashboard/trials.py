@@ -80,14 +80,8 @@ def recipe_json(ctx: Ctx, study: str, number: int) -> Response:
 
 
 def source_paths(config: StudyConfig) -> dict[str, str]:
-    """Where a study's models are, resolved as its workers resolve them.
-
-    Imported here, like the export below: they load torch, which showing pages never needs.
-    """
-    from evomerge.zoo import default_zoo_dir, resolve_model
-
-    zoo_dir = default_zoo_dir(config.zoo or "demo")
-    return {ref: str(resolve_model(ref, zoo_dir)) for ref in (config.base, *config.sources)}
+    """Where a study's models are, resolved as its workers resolve them."""
+    return {ref: str(path) for ref, path in config.model_paths().items()}
 
 
 @router.get("/studies/{study}/trials/{number}/mergekit.yaml")
