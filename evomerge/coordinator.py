@@ -247,9 +247,11 @@ class Coordinator:
                     self.store.clear_stop_request(name)
                     return "stopped", stopping
                 return "finished", stopping or "budget reached"
-            for outcome in pool.wait(timeout=0.5):
+            outcomes = pool.wait(timeout=0.5)
+            for outcome in outcomes:
                 self._finish(outcome, pool)
-            complete, failed, best = self._counts()
+            if outcomes:  # a study scan per result, not per idle poll
+                complete, failed, best = self._counts()
             if self._consecutive_failures >= budget.max_consecutive_failures:
                 self._fail_inflight(pool.cancel(), "study stopped after repeated failures")
                 return "failed", (
