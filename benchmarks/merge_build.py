@@ -85,7 +85,7 @@ MERGEKIT_DEFAULT = ("linear", "task_arithmetic", "ties", "dare_ties")
 FLOORS = {"linear": "copy", "task_arithmetic": "copy", "ties": "mergekit", "dare_ties": "mergekit"}
 
 
-def _write_checkpoints(root: Path, shape: dict) -> None:
+def _write_checkpoints(root: Path, shape: dict, dtype: str) -> None:
     """Base: N(0, 0.02) weights, unit norms; sources: base + N(0, 0.002) noise (seeded)."""
     config = LlamaConfig(**shape, tie_word_embeddings=False)
     with torch.device("meta"):
@@ -99,16 +99,19 @@ def _write_checkpoints(root: Path, shape: dict) -> None:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(folder)
-        state = {k: v + torch.randn(v.shape, generator=gen) * noise for k, v in base.items()}
+        state = {
+            k: (v + torch.randn(v.shape, generator=gen) * noise).to(getattr(torch, dtype))
+            for k, v in base.items()
+        }
         save_file(state, folder / "model.safetensors")
         del state
     (root / "done").touch()
 
 
-def checkpoints(root: Path, shape: dict) -> Path:
+def checkpoints(root: Path, shape: dict, dtype: str = "float32") -> Path:
     """Write the checkpoints once (in a child process, so their memory is not ours)."""
     if not (root / "done").exists():
-        proc = mp.get_context("spawn").Process(target=_write_checkpoints, args=(root, shape))
+        proc = mp.get_context("spawn").Process(target=_write_checkpoints, args=(root, shape, dtype))
         proc.start()
         proc.join()
         if proc.exitcode:

@@ -340,7 +340,7 @@ class SourceSet:
         arch = architecture(base_ckpt.config)
         order = _check_compatible(base_name, base_ckpt, names, ckpts, arch)
         _check_tokenizers(base_name, base_ckpt, names, ckpts)
-        device = torch.device(device)
+        device = _concrete(torch.device(device))
         slots = tuple(
             _load_slot(name, part, base_name, base_ckpt, names, ckpts, store, device)
             for name, part in order
@@ -383,6 +383,13 @@ class SourceSet:
             for slot in self.slots:
                 params[slot.name].copy_(slot.base.view(slot.shape))
         return model.eval().requires_grad_(False)
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:N` (the current device), so that it compares equal to tensors' devices."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _check_compatible(

@@ -18,6 +18,12 @@ from evomerge.models import MagnitudeGrid, TensorSlot
 
 CHUNK = 1 << 17  # elements per source per step of a fused pass: amortises per-op cost, fits L3
 SCAN = 1 << 18  # elements per step of a single-tensor scan
+GPU_STEPS = 64  # on a GPU a step is 64x longer: kernel launches cost there, not cache misses
+
+
+def steps(size: int, device: torch.device) -> int:
+    """Elements per step of `size` (CHUNK or SCAN) on `device`."""
+    return size if device.type == "cpu" else size * GPU_STEPS
 
 
 def chunks(n: int, size: int = CHUNK):
@@ -55,7 +61,7 @@ def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float
     if b.dtype == tv.dtype == out.dtype == torch.float32:
         _weighted_sum(b, tv, c_base, terms, out)
         return
-    for start, stop in chunks(slot.numel, SCAN):
+    for start, stop in chunks(slot.numel, steps(SCAN, b.device)):
         part = torch.empty(stop - start, device=b.device)
         _weighted_sum(b[start:stop].float(), tv[:, start:stop].float(), c_base, terms, part)
         out[start:stop].copy_(part)
@@ -105,7 +111,7 @@ def _scan(x: torch.Tensor, lo: float, hi: float, want_l1: bool):
     """Values and positions of lo <= |x| <= hi; the L1 norm of |x| > hi if wanted."""
     l1 = torch.zeros((), dtype=torch.float64, device=x.device)
     vals, pos = [], []
-    for start, stop in chunks(x.numel(), SCAN):
+    for start, stop in chunks(x.numel(), steps(SCAN, x.device)):
         a = x[start:stop].float().abs()
         if want_l1:
             l1 += (a * (a > hi).view(torch.uint8)).sum(dtype=torch.float64)

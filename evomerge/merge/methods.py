@@ -21,6 +21,7 @@ from evomerge.merge.kernels import (
     gather,
     keep_none,
     rng_key,
+    steps,
     top_k,
 )
 from evomerge.merge.spec import BasePolicy, MergeMethod, OptionSpec, ParamSpec, TensorJob
@@ -194,9 +195,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
         div_all = total if abs(total) >= 1e-8 else 1.0
         by_magnitude = any(k is not None and k.by_magnitude for k in keeps)
         # Chunk buffers reused by every chunk: allocating in the loop costs more than the maths.
-        a_buf, d_buf, t_buf = torch.empty(3, len(w), min(CHUNK, slot.numel), device=device)
+        size = steps(CHUNK, device)
+        a_buf, d_buf, t_buf = torch.empty(3, len(w), min(size, slot.numel), device=device)
         a_buf = a_buf if by_magnitude else None
-        for start, stop in chunks(slot.numel, CHUNK):
+        for start, stop in chunks(slot.numel, size):
             c = stop - start
             x = gather(slot, job.rows, start, stop)
             d = torch.mul(x, sc, out=d_buf[:, :c])
@@ -247,7 +249,7 @@ class ModelStock(MergeMethod):
             combine(slot, job.out, 1.0, _coefficients(slot, rows, [t / k] * k))
             return
         cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
-        step = max(1, SCAN // cols)
+        step = max(1, steps(SCAN, slot.base.device) // cols)
         for r0 in range(0, slot.numel // cols, step):
             start, stop = r0 * cols, min(r0 + step, slot.numel // cols) * cols
             x = gather(slot, rows, start, stop).view(k, -1, cols)
@@ -275,13 +277,14 @@ class SCE(MergeMethod):
             return x * select[0].mask_(select[1][start:stop].clone(), start)
 
         squares = torch.zeros(k, dtype=torch.float64, device=device)
-        for start, stop in chunks(slot.numel, CHUNK):
+        size = steps(CHUNK, device)
+        for start, stop in chunks(slot.numel, size):
             squares += masked(start, stop).square().sum(dim=1, dtype=torch.float64)
         means = squares / slot.numel
         total = float(means.sum())
         weights = torch.full_like(means, 1 / k) if abs(total) < 1e-6 else means / total
         wt = weights.float().view(-1, 1)
-        for start, stop in chunks(slot.numel, CHUNK):
+        for start, stop in chunks(slot.numel, size):
             x = masked(start, stop)
             erased = _elect(x, torch.empty_like(x)).mul_(wt)
             merged = (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
@@ -293,7 +296,7 @@ class SCE(MergeMethod):
         if fraction >= 1:
             return None
         var = torch.empty(slot.numel, dtype=torch.float32, device=slot.base.device)
-        for start, stop in chunks(slot.numel, CHUNK):
+        for start, stop in chunks(slot.numel, steps(CHUNK, slot.base.device)):
             var[start:stop] = gather(slot, rows, start, stop).var(dim=0, unbiased=False)
         count = int(var.count_nonzero()) * fraction if fraction > 0 else 0
         sel = top_k(var, int(count), MagnitudeGrid.of(var[None]), 0, False)

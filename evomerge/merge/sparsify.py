@@ -18,6 +18,7 @@ from evomerge.merge.kernels import (
     Selection,
     bernoulli,
     chunks,
+    steps,
     top_k,
     uniform16,
 )
@@ -130,7 +131,7 @@ def l1_by_draw(slot: TensorSlot, row: int, key: tuple[int, int]) -> torch.Tensor
         return cached[1]
     x = slot.tv[row]
     table = torch.zeros(1 << 16, dtype=torch.float64, device=x.device)
-    for start, stop in chunks(slot.numel, SCAN):
+    for start, stop in chunks(slot.numel, steps(SCAN, x.device)):
         draws = uniform16(key, start, stop, x.device).int().add_(1 << 15)
         table += torch.bincount(draws, x[start:stop].double().abs(), minlength=1 << 16)
     slot.cache[("l1_by_draw", row)] = (key, table.float())
@@ -151,7 +152,7 @@ def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple
     x = slot.tv[row]
     cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
     rows = slot.numel // cols
-    step = max(1, SCAN // cols)
+    step = max(1, steps(SCAN, x.device) // cols)
     stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
     kept = torch.zeros((), dtype=torch.float64, device=x.device)
     ranks_of = torch.arange(cols, device=x.device).expand(step, cols)
