@@ -96,16 +96,41 @@ class HeartbeatConfig(_Frozen):
         return self
 
 
+DATAFLOW = "dataflow"  # the `method` of a data-flow-space study (no weight merging)
+
+
+class DataFlowConfig(_Frozen):
+    """Data-flow-space search (Akiba et al. 2024, section 3.2): the route of a token through
+    the layers of two models A and B, with a scale on each hop.
+
+    `method: dataflow` routes between `sources` [A, B]. A parameter-space study with `b` set
+    is PS+DFS: when it finishes, stage 2 (the study `<name>-dfs`) routes between its best
+    merge (A) and the source `b`.
+    """
+
+    b: str | None = Field(None, description="PS+DFS: the source routed with stage 1's best merge")
+    repeats: int = Field(3, gt=0, description="r: the layers of A then B, repeated r times")
+    scales: Literal["matrix", "pair", "hop"] = Field(
+        "matrix",
+        description="matrix: W[i, j] per pair of layers (the paper's M x M); pair: one scale "
+        "per (model, model) hop kind; hop: one per indicator position",
+    )
+    scale: Bounds = Bounds(low=0.0, high=2.0, init=1.0)
+    trials: int | None = Field(None, gt=0, description="stage 2's budget (default: budget's)")
+    merge: str | None = Field(None, description="set by evomerge: stage 1's best recipe (JSON)")
+
+
 class StudyConfig(_Frozen):
     """Everything one search needs. Model refs are folders or `zoo:NAME` (see `zoo`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
     zoo: Literal["demo", "test"] | None = Field(None, description="toy zoo for zoo: refs")
-    base: str
+    base: str | None = Field(None, description="the shared ancestor (not used by dataflow)")
     sources: tuple[str, ...] = Field(min_length=1)
     method: str
     granularity: int = Field(1, gt=0, description="decoder layers per layer group")
-    search: dict[str, Bounds] = Field(min_length=1)
+    search: dict[str, Bounds] = Field(default_factory=dict)
+    dataflow: DataFlowConfig | None = None
     fixed: dict[str, float | tuple[float, ...]] = Field(default_factory=dict)
     options: dict[str, float | bool] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -117,10 +142,32 @@ class StudyConfig(_Frozen):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     storage: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataflow_defaults(cls, data: object) -> object:
+        """`method: dataflow` with no `dataflow:` section takes the paper's settings."""
+        if isinstance(data, dict) and data.get("method") == DATAFLOW and not data.get("dataflow"):
+            return {**data, "dataflow": {}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources repeat a model: {list(self.sources)}")
+        if self.method == DATAFLOW:
+            if len(self.sources) != 2:
+                raise ValueError("sources: dataflow routes between exactly two models [A, B]")
+            if self.search or self.fixed:
+                raise ValueError("search/fixed: dataflow has no merge parameters")
+            if self.dataflow is None or self.dataflow.b is not None:
+                raise ValueError("dataflow.b: only for PS+DFS; dataflow routes between sources")
+        else:
+            if self.base is None:
+                raise ValueError(f"base: {self.method} merges against a base model; name one")
+            if not self.search and (self.dataflow is None or self.dataflow.merge is None):
+                raise ValueError("search: name at least one parameter to search")
+            if self.dataflow is not None and self.dataflow.b is None:
+                raise ValueError("dataflow.b: name the source that stage 2 routes with the merge")
         both = set(self.search) & set(self.fixed)
         if both:
             raise ValueError(f"parameters both searched and fixed: {sorted(both)}")
@@ -131,15 +178,41 @@ class StudyConfig(_Frozen):
                 )
         return self
 
-    def model_paths(self) -> dict[str, Path]:
-        """Base and sources resolved to folders (zoo refs against this study's zoo size).
+    @property
+    def is_dataflow(self) -> bool:
+        """Whether this study searches routes (DFS, or stage 2 of PS+DFS), not weights."""
+        return self.method == DATAFLOW or (
+            self.dataflow is not None and self.dataflow.merge is not None
+        )
 
-        Raises FileNotFoundError naming the first missing model.
+    @property
+    def next_stage(self) -> bool:
+        """Whether a DFS stage follows this study (stage 1 of PS+DFS)."""
+        return self.dataflow is not None and self.dataflow.b is not None and not self.is_dataflow
+
+    def dataflow_stage(self, merge_json: str) -> StudyConfig:
+        """Stage 2 of PS+DFS: the study `<name>-dfs` routing `merge_json`'s model with b."""
+        assert self.dataflow is not None
+        flow = self.dataflow.model_copy(update={"merge": merge_json})
+        trials = self.dataflow.trials or self.budget.trials
+        return self.model_copy(
+            update={
+                "name": f"{self.name}-dfs",
+                "dataflow": flow,
+                "budget": self.budget.model_copy(update={"trials": trials}),
+            }
+        )
+
+    def model_paths(self) -> dict[str, Path]:
+        """Base, sources and dataflow.b resolved to folders (zoo refs against this study's
+        zoo size). Raises FileNotFoundError naming the first missing model.
         """
         from evomerge.zoo import default_zoo_dir, resolve_model  # loads torch: only when needed
 
         zoo_dir = default_zoo_dir(self.zoo or "demo")
-        return {ref: resolve_model(ref, zoo_dir) for ref in (self.base, *self.sources)}
+        b = self.dataflow.b if self.dataflow else None
+        refs = [r for r in (self.base, *self.sources, b) if r is not None]
+        return {ref: resolve_model(ref, zoo_dir) for ref in refs}
 
     def to_yaml(self) -> str:
         """The snapshot stored with the study (resume rebuilds the config from it)."""
@@ -172,16 +245,20 @@ class StudyConfig(_Frozen):
             raise ConfigError(f"config file not found: {p}")
         cfg = cls.from_yaml(p.read_text(), source=str(p), **overrides)
 
-        def anchored(ref: str) -> str:
-            if ref.startswith("zoo:") or Path(ref).is_absolute():
+        def anchored(ref: str | None) -> str | None:
+            if ref is None or ref.startswith("zoo:") or Path(ref).is_absolute():
                 return ref
             return str((p.parent / ref).resolve())
 
         tasks = tuple(t.model_copy(update={"task": anchored(t.task)}) for t in cfg.fitness.tasks)
+        flow = cfg.dataflow
+        if flow is not None:
+            flow = flow.model_copy(update={"b": anchored(flow.b)})
         return cfg.model_copy(
             update={
                 "base": anchored(cfg.base),
                 "sources": tuple(anchored(s) for s in cfg.sources),
+                "dataflow": flow,
                 "fitness": cfg.fitness.model_copy(update={"tasks": tasks}),
             }
         )

@@ -14,10 +14,13 @@ parameters.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,13 +32,47 @@ from transformers import AutoConfig
 
 from evomerge.config import StudyConfig
 from evomerge.recipe import layer_group_names
-from evomerge.space import SearchSpace
+from evomerge.space import DataFlowSpace, SearchSpace
 from storage import LeaseLostError, Store
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, connect
 
 MAX_WORKER_DEATHS = 3
 GENERATION_ATTR = "cma:generation"
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Writes a run's heartbeat every `interval` seconds for as long as the run lives.
+
+    A thread, not the search loop: starting workers (loading sources) can take minutes, and a
+    run that went silent meanwhile would look dead and let a second coordinator take over.
+    """
+
+    def __init__(self, store: Store, run_id: int, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.interval = store, run_id, interval
+        self.lost: LeaseLostError | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                self.store.heartbeat(self.run_id)
+            except LeaseLostError as e:
+                self.lost = e
+                return
+            except Exception as e:  # a transient database error: the next beat retries
+                log.warning("heartbeat of run %s failed: %s", self.run_id, e)
+
+    def check(self) -> None:
+        """Raise `LeaseLostError` in the caller if another run took the study over."""
+        if self.lost is not None:
+            raise self.lost
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
 
 
 class KnownSpaceCmaEsSampler(CmaEsSampler):
@@ -85,24 +122,36 @@ class RunSummary:
     seconds: float
 
 
-def build_space(config: StudyConfig) -> tuple[SearchSpace, WorkerSpec]:
+Space = SearchSpace | DataFlowSpace
+
+
+def build_space(config: StudyConfig) -> tuple[Space, WorkerSpec]:
     """Validate everything a run needs that can be checked without writing anything."""
     spec = WorkerSpec.from_config(config)
-    num_layers = AutoConfig.from_pretrained(spec.base_path).num_hidden_layers
-    return SearchSpace(config, layer_group_names(num_layers, config.granularity)), spec
+
+    def layers(path: str | None) -> int:
+        return AutoConfig.from_pretrained(path).num_hidden_layers
+
+    if config.is_dataflow:
+        a = spec.base_path if spec.base_path is not None else spec.routed_paths[0]
+        return DataFlowSpace(config, layers(a), layers(spec.routed_paths[-1])), spec
+    groups = layer_group_names(layers(spec.base_path), config.granularity)
+    return SearchSpace(config, groups), spec
 
 
-def make_sampler(config: StudyConfig, space: SearchSpace) -> CmaEsSampler:
+def make_sampler(config: StudyConfig, space: Space) -> CmaEsSampler:
     """The paper's CMA-ES: start at each range's init (middle by default), sigma0 1/6."""
     kwargs: dict[str, object] = {
         "seed": config.optimizer.seed,
         "popsize": config.optimizer.population or population_size(space.dim),
     }
-    if any(b.init is not None for b in config.search.values()):
-        kwargs["x0"] = space.initial_params()  # Optuna 4.9 deprecates x0; no replacement yet
+    if space.custom_start:
+        kwargs["x0"] = space.initial_params()
     if config.optimizer.sigma0 is not None:
         kwargs["sigma0"] = config.optimizer.sigma0
-    return KnownSpaceCmaEsSampler(space.distributions, **kwargs)
+    with warnings.catch_warnings():  # Optuna 4.9 deprecates x0/sigma0 with no replacement yet
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*(x0|sigma0)")
+        return KnownSpaceCmaEsSampler(space.distributions, **kwargs)
 
 
 class Coordinator:
@@ -142,6 +191,8 @@ class Coordinator:
         )
         status, reason = "failed", "coordinator error"
         lease_lost = False
+        self._beat = Heartbeat(self.store, run_id, self.config.heartbeat.interval_s)
+        self._beat.start()
         try:
             self.store.set_study_status(self.config.name, "running")
             self._recover_orphans()
@@ -156,7 +207,7 @@ class Coordinator:
             try:
                 status, reason = self._search(pool, run_id, t_start)
                 if status == "finished":
-                    self._rescore_heldout(pool, run_id)
+                    self._rescore_heldout(pool)
             finally:
                 pool.shutdown()
         except KeyboardInterrupt:
@@ -170,6 +221,7 @@ class Coordinator:
             reason = f"{type(e).__name__}: {e}"
             raise
         finally:
+            self._beat.stop()
             if not lease_lost and self.store.end_run(run_id, status, reason):
                 self.store.set_study_status(self.config.name, status)
         complete, failed, best = self._counts()
@@ -224,13 +276,13 @@ class Coordinator:
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
         budget = self.config.budget
         name = self.config.name
-        last_beat = 0.0
+        last_poll = 0.0
         stopping: str | None = None
         complete, failed, best = self._counts()
         while True:
-            if time.monotonic() - last_beat > self.config.heartbeat.interval_s:
-                self.store.heartbeat(run_id)
-                last_beat = time.monotonic()
+            self._beat.check()
+            if time.monotonic() - last_poll > self.config.heartbeat.interval_s:
+                last_poll = time.monotonic()
                 request = self.store.stop_request(name)
                 if request == "cancel":
                     self._fail_inflight(pool.cancel(), "cancelled; re-asked on resume")
@@ -320,7 +372,7 @@ class Coordinator:
             self.study.tell(trial, state=TrialState.FAIL)
             self.study.enqueue_trial(trial.params, skip_if_exists=False)
 
-    def _rescore_heldout(self, pool: WorkerPool, run_id: int) -> None:
+    def _rescore_heldout(self, pool: WorkerPool) -> None:
         """Score the top-k recipes on the held-out split: the search split is overfitted."""
         k = self.config.budget.heldout_top_k
         pending = [r for r in self.store.best(self.config.name, top=k) if r.heldout is None]
@@ -336,4 +388,4 @@ class Coordinator:
                     self.store.record_heldout(
                         self.config.name, int(outcome.key), result.metrics, result.fitness
                     )
-            self.store.heartbeat(run_id)
+            self._beat.check()

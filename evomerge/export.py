@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from evomerge.merge import build, get_method
 from evomerge.merge.build import group_parts, group_values, method_options
 from evomerge.merge.spec import BasePolicy
-from evomerge.models import SourceSet, architecture, has_tokenizer
-from evomerge.recipe import EMBED, LM_HEAD, NORM, Recipe
+from evomerge.models import SourceSet, architecture, has_tokenizer, load_model
+from evomerge.recipe import DATAFLOW, EMBED, LM_HEAD, MERGED, NORM, Recipe
+
+MERGE_OUT = "./merge"  # where a PS+DFS route's passthrough config expects model A's merge
 
 
 def _layer_runs(group_of: dict[str | int, int], num_layers: int) -> list[tuple[int, int, int]]:
@@ -102,6 +104,26 @@ def mergekit_yaml(recipe: Recipe, source_paths: dict[str, str]) -> str:
     )
 
 
+def _score_lines(scores: dict | None) -> list[str]:
+    if not scores:
+        return ["No scores recorded."]
+    rows = [
+        f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in scores.items()
+    ]
+    return ["| metric | value |", "|---|---|", *rows]
+
+
+def recipe_yaml(recipe: Recipe, paths: dict[str, str]) -> str:
+    """mergekit's config for any recipe: its merge, or the passthrough config of its route."""
+    from evomerge.dataflow import passthrough_yaml
+
+    if recipe.dataflow is None:
+        return mergekit_yaml(recipe, paths)
+    refs = [MERGE_OUT if ref == MERGED else paths[ref] for ref in recipe.dataflow.models]
+    return passthrough_yaml(recipe.dataflow, refs, recipe.dtype)
+
+
 def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, scores) -> str:
     """README.md: method, sources, every parameter per group, options, scores, reproduction."""
     method = get_method(recipe.method)
@@ -131,15 +153,7 @@ def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, s
         lines.append(f"{recipe.method} has no numeric parameters.")
     if options:
         lines += ["", "Options: " + ", ".join(f"`{k}` = {v}" for k, v in options.items())]
-    lines += ["", "## Scores", ""]
-    if scores:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [
-            f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in scores.items()
-        ]
-    else:
-        lines.append("No scores recorded.")
+    lines += ["", "## Scores", "", *_score_lines(scores)]
     lines += [
         "",
         "## Reproduce",
@@ -191,6 +205,99 @@ def export_checkpoint(
     return out
 
 
+def export_route(
+    recipe: Recipe,
+    out_dir: str | Path,
+    scores: dict | None = None,
+    *,
+    zoo_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write a data-flow recipe's path model: the checkpoint folder (each distinct layer
+    once, loadable through `AutoModelForCausalLM` after `import evomerge.dataflow`),
+    recipe.json, mergekit's passthrough config and, for PS+DFS, model A's merge config."""
+    from evomerge.dataflow import route, save_path_checkpoint
+    from evomerge.zoo import resolve_model
+
+    flow = recipe.dataflow
+    assert flow is not None
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    paths = {ref: resolve_model(ref, zoo_dir) for ref in flow.models if ref != MERGED}
+    merged, merge_yaml = None, None
+    if recipe.method != DATAFLOW:
+        merge = recipe.merge_part()
+        sources = load_recipe_sources(merge, zoo_dir, device)
+        merge_yaml = mergekit_yaml(merge, {n: str(p) for n, p in sources.paths.items()})
+        merged = sources.new_model(recipe.dtype)
+        build(merge, sources, merged)
+        tokenizer = sources.tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(paths[flow.models[0]])
+    loaded = {ref: load_model(path, recipe.dtype, device) for ref, path in paths.items()}
+    model = route(flow, merged, loaded)
+    refs = [MERGE_OUT if ref == MERGED else str(paths[ref]) for ref in flow.models]
+    route_yaml = recipe_yaml(recipe, {ref: str(path) for ref, path in paths.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_path_checkpoint(model, tokenizer, tmp)
+        recipe.save(tmp / "recipe.json")
+        (tmp / "mergekit_config.yml").write_text(route_yaml)
+        if merge_yaml is not None:
+            (tmp / "merge_config.yml").write_text(merge_yaml)
+        (tmp / "README.md").write_text(route_card(recipe, refs, route_yaml, merge_yaml, scores))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def route_card(
+    recipe: Recipe, refs: list[str], route_yaml: str, merge_yaml: str | None, scores
+) -> str:
+    """README.md of a path model: its models, every hop with its scale, scores, reproduction."""
+    flow = recipe.dataflow
+    assert flow is not None
+    lines = [
+        f"# evomerge data-flow path `{recipe.hash}`",
+        "",
+        f"A token passes {len(flow.path)} layers of {len(flow.models)} models (dtype "
+        f"{recipe.dtype}); model A supplies the embeddings, final norm, LM head and tokenizer.",
+        "",
+        "## Models",
+        "",
+        *(f"- {'AB'[m]}: `{ref}`" for m, ref in enumerate(refs)),
+    ]
+    if merge_yaml is not None:
+        lines += ["", f"A is the {recipe.method} merge of `merge_config.yml` ({MERGE_OUT})."]
+    lines += ["", "## Path", "", "| hop | model | layer | input scale |", "|---|---|---|---|"]
+    lines += [
+        f"| {i} | {'AB'[m]} | {layer} | {s:g} |"
+        for i, ((m, layer), s) in enumerate(zip(flow.path, flow.scales, strict=True))
+    ]
+    lines += ["", "## Scores", "", *_score_lines(scores)]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "`import evomerge.dataflow` registers the model class; then "
+        "`AutoModelForCausalLM.from_pretrained(this folder)` loads it. "
+        "`evomerge merge recipe.json --out DIR` rebuilds it. mergekit's nearest config "
+        "(`mergekit_config.yml`):",
+        "",
+        "```yaml",
+        route_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def load_recipe_sources(
     recipe: Recipe, zoo_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> SourceSet:
@@ -224,8 +331,11 @@ def export_recipe(
         from evomerge.zoo import default_zoo_dir
 
         zoo_dir = Path(default_zoo_dir(config.zoo))
-    sources = load_recipe_sources(recipe, zoo_dir, device)
-    out = export_checkpoint(recipe, sources, out_dir, scores)
+    if recipe.dataflow is not None:
+        out = export_route(recipe, out_dir, scores, zoo_dir=zoo_dir, device=device)
+    else:
+        sources = load_recipe_sources(recipe, zoo_dir, device)
+        out = export_checkpoint(recipe, sources, out_dir, scores)
     if mergekit_yaml_path is not None:
         Path(mergekit_yaml_path).write_text((out / "mergekit_config.yml").read_text())
     return out

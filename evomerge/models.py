@@ -385,6 +385,16 @@ class SourceSet:
         return model.eval().requires_grad_(False)
 
 
+def load_model(
+    path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A whole checkpoint as an inference model (a data-flow route's unmerged model)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(_concrete(torch.device(device))).eval().requires_grad_(False)
+
+
 def _concrete(device: torch.device) -> torch.device:
     """`cuda` -> `cuda:N` (the current device), so that it compares equal to tensors' devices."""
     if device.type == "cuda" and device.index is None:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Special layer groups; decoder layers are named "layers.<a>" or "layers.<a>-<b>" (inclusive).
 EMBED, NORM, LM_HEAD = "embed", "norm", "lm_head"
+# A data-flow-only recipe's method, and the name a PS+DFS route gives its own weight merge.
+DATAFLOW, MERGED = "dataflow", "@merge"
 
 
 def layer_group_names(num_layers: int, granularity: int = 1) -> tuple[str, ...]:
@@ -57,9 +59,14 @@ class DataFlow(BaseModel):
             raise ValueError(
                 f"dataflow.scales has {len(self.scales)} entries for {len(self.path)} hops"
             )
-        for m, _ in self.path:
+        for m, layer in self.path:
             if not 0 <= m < len(self.models):
                 raise ValueError(f"dataflow.path names model {m}; only {len(self.models)} given")
+            if layer < 0:
+                raise ValueError(f"dataflow.path names layer {layer}; layers count from 0")
+        bad = [s for s in self.scales if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"dataflow.scales are not finite: {bad}")
         return self
 
 
@@ -69,6 +76,10 @@ class Recipe(BaseModel):
     `params[name][g]` is the value list of parameter `name` in layer group `groups[g]`: one
     value per source for per-source parameters (weight, density, ...), one value for shared
     ones (slerp's t). `options` are the method's scalar switches (normalize, lambda, ...).
+
+    `dataflow` routes tokens through layers of several models. With `method: dataflow` the
+    route's models are the sources and nothing is merged; with a merge method (PS+DFS) the
+    route's model A is `@merge`, the weight merge the rest of the recipe describes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,6 +107,22 @@ class Recipe(BaseModel):
         if v not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _dataflow(self) -> Recipe:
+        flow = self.dataflow
+        if self.method == DATAFLOW:
+            if flow is None:
+                raise ValueError("dataflow: a dataflow recipe needs its route")
+            if flow.models != self.sources or self.params or self.groups:
+                raise ValueError("dataflow: routes its sources and has no merge parameters")
+        elif flow is not None and (flow.models[0] != MERGED or MERGED in flow.models[1:]):
+            raise ValueError(f"dataflow.models: a PS+DFS route starts at {MERGED!r} (model A)")
+        return self
+
+    def merge_part(self) -> Recipe:
+        """The weight merge alone (a PS+DFS recipe's model A)."""
+        return self.model_copy(update={"dataflow": None})
 
     @model_validator(mode="after")
     def _shapes(self) -> Recipe:
@@ -148,8 +175,13 @@ class Recipe(BaseModel):
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:
-        """Per-parameter means over groups, per source: a compact view for tables."""
+        """Per-parameter means over groups, per source, and a route's hops (A0 A1 B3 ...):
+        a compact view for tables."""
         out: dict[str, Any] = {"method": self.method, "hash": self.hash}
+        if self.dataflow is not None:
+            out["path"] = " ".join(
+                f"{'AB'[m] if m < 2 else m}{layer}" for m, layer in self.dataflow.path
+            )
         for name, per_group in self.params.items():
             width = max(len(v) for v in per_group)
             out[name] = [

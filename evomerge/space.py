@@ -1,20 +1,23 @@
 """The genome <-> Recipe mapping. Nothing else knows how a recipe is laid out for CMA-ES.
 
-Each searched parameter becomes one Optuna `FloatDistribution` per layer group (and per
-source, for per-source parameters such as a source's weight). Values are used as CMA-ES
-proposes them: Optuna maps the bounds linearly to [0, 1] and CMA-ES repairs out-of-bound
-samples itself, so decoding needs no abs()/clamp that would fold the landscape.
+Parameter space (`SearchSpace`): each searched parameter becomes one Optuna
+`FloatDistribution` per layer group (and per source, for per-source parameters such as a
+source's weight). Data-flow space (`DataFlowSpace`): the paper's indicator array and scales.
+Values are used as CMA-ES proposes them: Optuna maps the bounds linearly to [0, 1] and
+CMA-ES repairs out-of-bound samples itself, so decoding needs no abs()/clamp that would fold
+the landscape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 
 from optuna.distributions import FloatDistribution
 
 from evomerge.config import StudyConfig
 from evomerge.merge import get_method
-from evomerge.recipe import Recipe
+from evomerge.recipe import DATAFLOW, MERGED, DataFlow, Recipe
 
 
 class SearchSpace:
@@ -52,6 +55,11 @@ class SearchSpace:
             for name, bounds in config.search.items()
             for key in self._keys(name)
         }
+
+    @property
+    def custom_start(self) -> bool:
+        """Whether CMA-ES must start elsewhere than the middle of every range."""
+        return any(b.init is not None for b in self.config.search.values())
 
     def _keys(self, name: str) -> list[str]:
         """Optuna parameter names of one merge parameter, e.g. `weight/layers.0/zoo:arith`."""
@@ -109,3 +117,98 @@ class SearchSpace:
                 for v in row:
                     out[next(keys)] = v
         return out
+
+
+class DataFlowSpace:
+    """The paper's DFS genome (Akiba et al. 2024, 3.2) <-> a recipe's route.
+
+    The M = L_A + L_B layers of A then B, repeated r times, make T = M * r candidate hops;
+    indicator `in/t` > 0 puts hop t on the path. A's first and last layers always start and
+    end it (added when the indicators leave them out). A hop's input is scaled by
+    `scale/i-j` (matrix: previous layer i, this layer j, M x M), `scale/XY` (pair: previous
+    model X, this model Y) or `scale/t` (hop: its indicator position); the first hop reads
+    the embeddings unscaled.
+    """
+
+    def __init__(self, config: StudyConfig, layers_a: int, layers_b: int) -> None:
+        assert config.dataflow is not None and config.is_dataflow
+        self.config = config
+        self.flow = config.dataflow
+        self.layers_a, self.layers_b = layers_a, layers_b
+        self.m = layers_a + layers_b
+        self.t = self.m * self.flow.repeats
+        if config.method == DATAFLOW:
+            self.models = config.sources
+            self.merge: Recipe | None = None
+        else:
+            assert self.flow.merge is not None and self.flow.b is not None
+            self.models = (MERGED, self.flow.b)
+            self.merge = Recipe.from_json(self.flow.merge).merge_part()
+        scale = FloatDistribution(self.flow.scale.low, self.flow.scale.high)
+        self.distributions: dict[str, FloatDistribution] = {
+            f"in/{t}": FloatDistribution(-1.0, 1.0) for t in range(self.t)
+        } | dict.fromkeys(self._scale_keys(), scale)
+
+    def _scale_keys(self) -> list[str]:
+        if self.flow.scales == "matrix":
+            return [f"scale/{i}-{j}" for i in range(self.m) for j in range(self.m)]
+        if self.flow.scales == "pair":
+            return [f"scale/{x}{y}" for x in "AB" for y in "AB"]
+        return [f"scale/{t}" for t in range(self.t)]
+
+    @property
+    def dim(self) -> int:
+        return len(self.distributions)
+
+    @property
+    def custom_start(self) -> bool:
+        return True
+
+    def initial_params(self) -> dict[str, float]:
+        """The paper's start: A's layers likely in the first repetition, the rest unlikely."""
+        init = self.flow.scale.init
+        start = init if init is not None else (self.flow.scale.low + self.flow.scale.high) / 2
+        return {
+            f"in/{t}": 0.5 if t < self.layers_a else -0.5 for t in range(self.t)
+        } | dict.fromkeys(self._scale_keys(), start)
+
+    def _layer(self, index: int) -> tuple[int, int]:
+        """(model, layer) of position `index` in A's then B's layers."""
+        return (0, index) if index < self.layers_a else (1, index - self.layers_a)
+
+    def _scale(self, params: Mapping[str, float], prev: int, cur: int, t: int | None) -> float:
+        mode = self.flow.scales
+        if mode == "matrix":
+            return float(params[f"scale/{prev}-{cur}"])
+        if mode == "pair":
+            x, y = ("AB"[self._layer(i)[0]] for i in (prev, cur))
+            return float(params[f"scale/{x}{y}"])
+        return 1.0 if t is None else float(params[f"scale/{t}"])
+
+    def decode(self, params: Mapping[str, float]) -> Recipe:
+        hops: list[tuple[int, int | None]] = [
+            (t % self.m, t) for t in range(self.t) if params[f"in/{t}"] > 0
+        ]
+        if not hops or hops[0][0] != 0:
+            hops.insert(0, (0, None))
+        if hops[-1][0] != self.layers_a - 1:
+            hops.append((self.layers_a - 1, None))
+        scales = [1.0] + [
+            self._scale(params, prev, cur, t) for (prev, _), (cur, t) in pairwise(hops)
+        ]
+        flow = DataFlow(
+            models=self.models,
+            path=tuple(self._layer(i) for i, _ in hops),
+            scales=tuple(scales),
+        )
+        if self.merge is not None:
+            return self.merge.model_copy(update={"dataflow": flow})
+        cfg = self.config
+        return Recipe(
+            method=DATAFLOW,
+            sources=cfg.sources,
+            groups=(),
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            dataflow=flow,
+        )

@@ -28,7 +28,7 @@ def sample_storage(folder: Path) -> str:
         store.migrate()
         fill_study(store, "ties-arith-reverse", 160, budget=200, end=None)
         fill_study(store, "linear-baseline", 60, method="linear", seed=3, end="stopped")
-        fill_study(store, "dfs-path", 40, method="dfs", seed=2)
+        fill_study(store, "dfs-path", 40, method="dataflow", seed=2)
     return url
 
 
@@ -38,7 +38,7 @@ def targets(url: str) -> dict[str, str]:
         studies = store.list_studies()
         big = max(studies, key=lambda s: s.trials_done).name
         best = store.best(big, top=2)
-        dfs = store.best(None, top=1, method="dfs")
+        dfs = store.best(None, top=1, method="dataflow")
     pages = {"studies": "/", "new-study": "/new", "study": f"/studies/{big}", "best": "/best"}
     if best:
         pages["trial"] = f"/studies/{big}/trials/{best[0].number}"

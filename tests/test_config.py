@@ -60,3 +60,35 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     StudyConfig.load(path)
+
+
+DFS = """
+name: d1
+method: dataflow
+sources: [zoo:a, zoo:b]
+fitness: {tasks: [zoo:arith]}
+"""
+
+
+def test_dataflow_config_takes_the_papers_settings():
+    cfg = StudyConfig.from_yaml(DFS)
+    assert cfg.is_dataflow and cfg.dataflow.repeats == 3 and cfg.dataflow.scales == "matrix"
+    assert StudyConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (DFS.replace("[zoo:a, zoo:b]", "[zoo:a]"), "exactly two models"),
+        (DFS + "search: {weight: {low: 0, high: 1}}\n", "no merge parameters"),
+        (DFS + "dataflow: {b: zoo:c}\n", "dataflow.b"),
+        (DFS + "dataflow: {scales: cube}\n", "dataflow.scales"),
+        (DFS + "dataflow: {repeats: 0}\n", "dataflow.repeats"),
+        (MINIMAL + "dataflow: {repeats: 2}\n", "dataflow.b"),
+        (MINIMAL.replace("base: zoo:base\n", ""), "base"),
+    ],
+)
+def test_bad_dataflow_fields_are_named(text, field):
+    with pytest.raises(ConfigError) as e:
+        StudyConfig.from_yaml(text, source="cfg.yaml")
+    assert field in str(e.value)

@@ -25,14 +25,14 @@ LOCAL = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def filled(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A database with a finished TIES study, a live one, and a DFS study."""
+def filled(tmp_path_factory: pytest.TempPathFactory, zoo_dir: Path) -> str:
+    """A database with a finished TIES study, a live one, and a DFS study (test zoo)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'studies.db'}"
     with Store(url) as store:
         store.migrate()
         fill_study(store, "ties-done", 120, budget=120)
         fill_study(store, "ties-live", 20, budget=100, end=None, seed=1)
-        fill_study(store, "dfs-done", 30, method="dfs", seed=2)
+        fill_study(store, "dfs-done", 30, method="dataflow", seed=2, zoo="test")
     return url
 
 
@@ -215,9 +215,12 @@ def test_mergekit_yaml_download_is_a_mergekit_config(
     assert weight == expected or weight[-1] == {"value": expected}
 
 
-def test_mergekit_yaml_of_a_dfs_recipe_is_refused(client: TestClient) -> None:
-    assert "download-yaml" not in client.get("/studies/dfs-done/trials/0").text
-    assert client.get("/studies/dfs-done/trials/0/mergekit.yaml").status_code == 409
+def test_mergekit_yaml_of_a_dfs_recipe_is_a_passthrough_config(client: TestClient) -> None:
+    assert "(passthrough)" in client.get("/studies/dfs-done/trials/0").text
+    r = client.get("/studies/dfs-done/trials/0/mergekit.yaml")
+    assert r.status_code == 200 and "APPROXIMATION" in r.text
+    config = yaml.safe_load(r.text)
+    assert config["merge_method"] == "passthrough" and len(config["slices"]) == 14
 
 
 def test_missing_study_and_trial_are_404(client: TestClient) -> None:
@@ -231,7 +234,7 @@ def test_best_page_filters(client: TestClient, filled: str) -> None:
         return re.findall(r'/studies/([\w.-]+)/trials/(\d+)"', page)
 
     assert len(numbers("top=7")) == 7
-    assert {s for s, _ in numbers("top=50&method=dfs")} == {"dfs-done"}
+    assert {s for s, _ in numbers("top=50&method=dataflow")} == {"dfs-done"}
     with Store(filled) as store:
         top = store.best("ties-done", top=3, task="zoo:add")
         held = store.best(None, top=100, min_heldout=0.5)

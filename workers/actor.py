@@ -15,24 +15,32 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from transformers import AutoTokenizer
 
 from evomerge.config import StudyConfig
+from evomerge.dataflow import route
 from evomerge.fitness import Evaluator
 from evomerge.merge import build
-from evomerge.models import SourceSet
-from evomerge.recipe import Recipe
+from evomerge.models import SourceSet, load_model
+from evomerge.recipe import DATAFLOW, Recipe
 from evomerge.zoo import default_zoo_dir
 
 
 class WorkerSpec(BaseModel):
-    """What a worker needs to start: resolved model folders and the fitness tasks."""
+    """What a worker needs to start: resolved model folders and the fitness tasks.
+
+    `base`/`sources` are merged (a SourceSet); `routed` are whole models a data-flow route
+    runs unmerged (DFS: A and B; PS+DFS stage 2: B).
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    base: str
-    base_path: str
+    base: str | None
+    base_path: str | None
     sources: tuple[str, ...]
     source_paths: tuple[str, ...]
+    routed: tuple[str, ...] = ()
+    routed_paths: tuple[str, ...] = ()
     tasks: tuple[str, ...]
     weights: tuple[float, ...]
     limit: int | None
@@ -45,11 +53,18 @@ class WorkerSpec(BaseModel):
     def from_config(cls, config: StudyConfig) -> WorkerSpec:
         """Resolve every model ref; a missing folder raises FileNotFoundError naming it."""
         paths = config.model_paths()
+        if config.method == DATAFLOW:
+            merged, routed = (), config.sources
+        else:
+            merged = config.sources
+            routed = (config.dataflow.b,) if config.is_dataflow else ()
         return cls(
             base=config.base,
-            base_path=str(paths[config.base]),
-            sources=config.sources,
-            source_paths=tuple(str(paths[s]) for s in config.sources),
+            base_path=str(paths[config.base]) if merged else None,
+            sources=merged,
+            source_paths=tuple(str(paths[s]) for s in merged),
+            routed=routed,
+            routed_paths=tuple(str(paths[r]) for r in routed),
             tasks=tuple(t.task for t in config.fitness.tasks),
             weights=tuple(t.weight for t in config.fitness.tasks),
             limit=config.fitness.limit,
@@ -73,7 +88,8 @@ class TrialResult:
 
 
 class CandidateWorker:
-    """Holds the SourceSet, one resident candidate model and the evaluators of a study."""
+    """Holds the SourceSet, one resident candidate model, the routed models and the
+    evaluators of a study."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         if spec.torch_threads:
@@ -81,14 +97,25 @@ class CandidateWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
-        self.sources = SourceSet.load(
-            spec.base_path,
-            spec.source_paths,
-            names=spec.sources,
-            base_name=spec.base,
-            device=device,
-        )
-        self.model = self.sources.new_model(spec.dtype)
+        self.sources: SourceSet | None = None
+        self.model: torch.nn.Module | None = None
+        if spec.base_path is not None:
+            self.sources = SourceSet.load(
+                spec.base_path,
+                spec.source_paths,
+                names=spec.sources,
+                base_name=spec.base,
+                device=device,
+            )
+            self.model = self.sources.new_model(spec.dtype)
+            self.tokenizer = self.sources.tokenizer
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.routed_paths[0])
+        self.routed = {
+            ref: load_model(path, spec.dtype, device)
+            for ref, path in zip(spec.routed, spec.routed_paths, strict=True)
+        }
+        self._merged: str | None = None  # hash of the merge a route's model A holds
         zoo_dir = Path(spec.zoo_dir) if spec.zoo_dir else None
         self._evaluators = {
             split: Evaluator(spec.tasks, spec.weights, split=split, limit=limit, zoo_dir=zoo_dir)
@@ -103,9 +130,9 @@ class CandidateWorker:
         result = TrialResult(worker=self.name)
         try:
             t0 = time.perf_counter()
-            build(Recipe.from_json(recipe_json), self.sources, into=self.model)
+            model = self.candidate(Recipe.from_json(recipe_json))
             t1 = time.perf_counter()
-            score = self._evaluators[split].score(self.model, self.sources.tokenizer)
+            score = self._evaluators[split].score(model, self.tokenizer)
             result.build_seconds = t1 - t0
             result.eval_seconds = time.perf_counter() - t1
         except Exception as e:  # a bad candidate must not take the worker down
@@ -117,3 +144,14 @@ class CandidateWorker:
         else:
             result.fitness = score.fitness
         return result
+
+    def candidate(self, recipe: Recipe) -> torch.nn.Module:
+        """Build `recipe`'s merge in place (once for a route's fixed model A), then its route."""
+        if recipe.method != DATAFLOW:
+            merge = recipe.merge_part()
+            if recipe.dataflow is None or merge.hash != self._merged:
+                build(merge, self.sources, into=self.model)
+                self._merged = merge.hash if recipe.dataflow is not None else None
+        if recipe.dataflow is None:
+            return self.model
+        return route(recipe.dataflow, self.model, self.routed)

@@ -83,6 +83,25 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
         f"study [bold]{summary.study}[/]: {summary.status} ({summary.reason}); "
         f"{summary.complete} complete, {summary.failed} failed in {summary.seconds:.0f} s"
     )
+    if summary.status == "finished" and config.next_stage:
+        _drive_dataflow_stage(config, store)
+
+
+def _drive_dataflow_stage(config: StudyConfig, store) -> None:
+    """PS+DFS: route stage 1's best merge (held-out score first) with `dataflow.b`."""
+    best = [r for r in store.best(config.name, top=1, by="heldout") if r.heldout is not None]
+    best = best or store.best(config.name, top=1)
+    if not best:
+        raise fail(f"study {config.name!r} has no complete trial to route", 1)
+    stage = config.dataflow_stage(best[0].recipe_json)
+    existing = store.get_study(stage.name, missing_ok=True)
+    if existing is not None:
+        stage = StudyConfig.from_yaml(existing.config_yaml, source=f"study {stage.name!r}")
+    console.print(
+        f"stage 2 (data-flow): [bold]{stage.name}[/] routes trial {best[0].number}'s merge "
+        f"with {config.dataflow.b}"
+    )
+    _drive(stage, store, new=existing is None)
 
 
 @app.command()

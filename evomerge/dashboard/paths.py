@@ -45,7 +45,8 @@ def refused_refs(config: StudyConfig, roots: tuple[Path, ...]) -> dict[str, str]
     `zoo:NAME` refs are allowed when NAME is a plain name; anything else must be a path
     under one of `roots` (relative paths count from the dashboard's working directory).
     """
-    refs = {"base": config.base}
+    refs = {"base": config.base, "dataflow.b": config.dataflow.b if config.dataflow else None}
+    refs = {field: ref for field, ref in refs.items() if ref is not None}
     refs |= {f"sources.{i}": s for i, s in enumerate(config.sources)}
     refs |= {f"fitness.tasks.{i}.task": t.task for i, t in enumerate(config.fitness.tasks)}
     allowed = ", ".join(str(r) for r in roots) or "none configured (use --model-root)"

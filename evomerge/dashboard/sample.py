@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.types import ASGIApp
 
-from evomerge.recipe import DataFlow, Recipe, layer_group_names
+from evomerge.recipe import DATAFLOW, DataFlow, Recipe, layer_group_names
 from storage import Store
 
 SOURCES = ("zoo:add", "zoo:reverse", "zoo:translate")
@@ -51,14 +51,17 @@ def config_yaml(
     zoo: str = "demo",
 ) -> str:
     """A valid study config (over the toy zoo unless `base` and `sources` say otherwise)."""
-    search = (
-        "  weight: {low: 0.0, high: 1.0}\n  density: {low: 0.1, high: 1.0}\n"
-        if method == "ties"
-        else "  weight: {low: 0.0, high: 1.0}\n"
-    )
+    if method == DATAFLOW:
+        models = f"sources: [{', '.join(sources[:2])}]\ndataflow: {{scales: pair}}\n"
+    else:
+        search = (
+            "  weight: {low: 0.0, high: 1.0}\n  density: {low: 0.1, high: 1.0}\n"
+            if method == "ties"
+            else "  weight: {low: 0.0, high: 1.0}\n"
+        )
+        models = f"base: {base}\nsources: [{', '.join(sources)}]\ngranularity: 2\nsearch:\n{search}"
     return (
-        f"name: {name}\nzoo: {zoo}\nbase: {base}\nsources: [{', '.join(sources)}]\n"
-        f"method: {method}\ngranularity: 2\nsearch:\n{search}"
+        f"name: {name}\nzoo: {zoo}\nmethod: {method}\n{models}"
         f"fitness:\n  tasks: [{', '.join(TASKS)}]\n  limit: 64\n"
         f"optimizer: {{seed: 1, population: 8}}\nbudget: {{trials: {trials}}}\n"
         f"workers: {{count: {workers}}}\n"
@@ -84,15 +87,13 @@ def ps_recipe(
 def dfs_recipe(rng: random.Random) -> Recipe:
     """A data-flow recipe: a path through the layers of two models with a scale per hop."""
     models = SOURCES[:2]
-    hops = 14
-    path = tuple(
-        (rng.randrange(2), min(NUM_LAYERS - 1, i * NUM_LAYERS // hops)) for i in range(hops)
-    )
-    scales = tuple(round(rng.uniform(0.6, 1.3), 3) for _ in range(hops))
+    inner = tuple((rng.randrange(2), rng.randrange(NUM_LAYERS)) for _ in range(12))
+    path = ((0, 0), *inner, (0, NUM_LAYERS - 1))  # a route starts and ends in A
+    scales = (1.0, *(round(rng.uniform(0.6, 1.3), 3) for _ in range(len(path) - 1)))
     return Recipe(
-        method="dfs",
+        method=DATAFLOW,
         sources=models,
-        groups=("embed",),
+        groups=(),
         dataflow=DataFlow(models=models, path=path, scales=scales),
     )
 
@@ -121,18 +122,19 @@ def fill_study(
     seed: int = 0,
     base: str = "zoo:base",
     sources: tuple[str, ...] = SOURCES,
+    zoo: str = "demo",
 ) -> None:
     """A study of `trials` trials in one run; the run ends with status `end` (None: live)."""
     rng = random.Random(seed)
     store.create_study(
         name,
-        config_yaml(name, method, budget or trials, base=base, sources=sources),
+        config_yaml(name, method, budget or trials, base=base, sources=sources, zoo=zoo),
         optuna_study_name=name,
         budget_trials=budget or trials,
     )
     run_id = store.start_run(name, pid=4242, host="node-1", stale_after_s=30)
     for number in range(trials):
-        recipe = dfs_recipe(rng) if method == "dfs" else ps_recipe(rng, method, base, sources)
+        recipe = dfs_recipe(rng) if method == DATAFLOW else ps_recipe(rng, method, base, sources)
         worker = f"worker-{number % 2}"
         store.record_trial_started(name, run_id, number, number // 8, recipe, worker)
         if number % 13 == 12:

@@ -86,15 +86,13 @@ def source_paths(config: StudyConfig) -> dict[str, str]:
 
 @router.get("/studies/{study}/trials/{number}/mergekit.yaml")
 def mergekit(request: Request, ctx: Ctx, study: str, number: int) -> Response:
-    """The mergekit config of a parameter-space recipe, with the study's model paths."""
-    from evomerge.export import mergekit_yaml
+    """The mergekit config of a recipe (a route's: passthrough), with the study's paths."""
+    from evomerge.export import recipe_yaml
 
     _, recipe = load_trial(ctx, study, number)
     try:
-        if recipe.dataflow is not None:
-            raise ValueError("a data-flow path has no mergekit equivalent")
         config = StudyConfig.from_yaml(ctx.store.get_study(study).config_yaml)
-        text = mergekit_yaml(recipe, source_paths(config))
+        text = recipe_yaml(recipe, source_paths(config))
     except (ValueError, OSError) as e:
         message = f"no mergekit config for trial {number}: {e}"
         return ctx.render(request, "error.html", 409, status=409, message=message)
