@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -125,11 +133,13 @@ class StudyConfig(_Frozen):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
     zoo: Literal["demo", "test"] | None = Field(None, description="toy zoo for zoo: refs")
-    base: str | None = Field(None, description="the shared ancestor (not used by dataflow)")
-    sources: tuple[str, ...] = Field(min_length=1)
     method: str
+    base: str | None = Field(
+        None, validate_default=True, description="the shared ancestor (not used by dataflow)"
+    )
+    sources: tuple[str, ...] = Field(min_length=1)
     granularity: int = Field(1, gt=0, description="decoder layers per layer group")
-    search: dict[str, Bounds] = Field(default_factory=dict)
+    search: dict[str, Bounds] = Field(default_factory=dict, validate_default=True)
     dataflow: DataFlowConfig | None = None
     fixed: dict[str, float | tuple[float, ...]] = Field(default_factory=dict)
     options: dict[str, float | bool] = Field(default_factory=dict)
@@ -141,6 +151,31 @@ class StudyConfig(_Frozen):
     workers: WorkersConfig = WorkersConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     storage: str | None = None
+
+    @field_validator("base")
+    @classmethod
+    def _base_when_merging(cls, v: str | None, info: ValidationInfo) -> str | None:
+        method = info.data.get("method")
+        if v is None and method not in (None, DATAFLOW):
+            raise ValueError(f"{method} merges against a base model; name one")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _two_routed(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("method") == DATAFLOW and len(v) != 2:
+            raise ValueError("dataflow routes between exactly two models [A, B]")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _searched(cls, v: dict[str, Bounds], info: ValidationInfo) -> dict[str, Bounds]:
+        dataflow = info.data.get("method") == DATAFLOW
+        if dataflow and v:
+            raise ValueError("dataflow has no merge parameters to search")
+        if not dataflow and not v:
+            raise ValueError("name at least one merge parameter to search")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -155,19 +190,12 @@ class StudyConfig(_Frozen):
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources repeat a model: {list(self.sources)}")
         if self.method == DATAFLOW:
-            if len(self.sources) != 2:
-                raise ValueError("sources: dataflow routes between exactly two models [A, B]")
-            if self.search or self.fixed:
-                raise ValueError("search/fixed: dataflow has no merge parameters")
+            if self.fixed:
+                raise ValueError("fixed: dataflow has no merge parameters")
             if self.dataflow is None or self.dataflow.b is not None:
                 raise ValueError("dataflow.b: only for PS+DFS; dataflow routes between sources")
-        else:
-            if self.base is None:
-                raise ValueError(f"base: {self.method} merges against a base model; name one")
-            if not self.search and (self.dataflow is None or self.dataflow.merge is None):
-                raise ValueError("search: name at least one parameter to search")
-            if self.dataflow is not None and self.dataflow.b is None:
-                raise ValueError("dataflow.b: name the source that stage 2 routes with the merge")
+        elif self.dataflow is not None and self.dataflow.b is None:
+            raise ValueError("dataflow.b: name the source that stage 2 routes with the merge")
         both = set(self.search) & set(self.fixed)
         if both:
             raise ValueError(f"parameters both searched and fixed: {sorted(both)}")

@@ -80,12 +80,13 @@ def test_dataflow_config_takes_the_papers_settings():
     ("text", "field"),
     [
         (DFS.replace("[zoo:a, zoo:b]", "[zoo:a]"), "exactly two models"),
-        (DFS + "search: {weight: {low: 0, high: 1}}\n", "no merge parameters"),
+        (DFS + "search: {weight: {low: 0, high: 1}}\n", "search"),
         (DFS + "dataflow: {b: zoo:c}\n", "dataflow.b"),
         (DFS + "dataflow: {scales: cube}\n", "dataflow.scales"),
         (DFS + "dataflow: {repeats: 0}\n", "dataflow.repeats"),
         (MINIMAL + "dataflow: {repeats: 2}\n", "dataflow.b"),
         (MINIMAL.replace("base: zoo:base\n", ""), "base"),
+        (MINIMAL.replace("search: {weight: {low: 0, high: 1}}\n", ""), "search"),
     ],
 )
 def test_bad_dataflow_fields_are_named(text, field):

@@ -18,11 +18,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from evomerge.dataflow.cache import HopCache
@@ -95,14 +94,17 @@ def _hop_kinds(
     """Attention kind of each hop and the sliding window they share (None if none slides)."""
     kinds, windows = [], set()
     for m, layer in path:
-        types, kwargs = get_layer_types_and_kwargs(configs[m])
-        if types[layer] not in _MASKS:
-            raise ValueError(
-                f"model {m} layer {layer}: unsupported attention kind {types[layer]!r}"
-            )
-        kinds.append(types[layer])
-        if "sliding_window" in kwargs[layer]:
-            windows.add(kwargs[layer]["sliding_window"])
+        # Read off the config by hand: transformers' own helper for this is only in 5.2x.
+        window = getattr(configs[m], "sliding_window", None)
+        types = getattr(configs[m], "layer_types", None)
+        kind = (
+            types[layer] if types else "full_attention" if window is None else "sliding_attention"
+        )
+        if kind not in _MASKS:
+            raise ValueError(f"model {m} layer {layer}: unsupported attention kind {kind!r}")
+        kinds.append(kind)
+        if kind == "sliding_attention":
+            windows.add(window)
     if len(windows) > 1:
         raise ValueError(f"cannot route between layers of sliding windows {sorted(windows)}")
     return kinds, next(iter(windows), None)
@@ -261,7 +263,8 @@ class PathForCausalLM(PreTrainedModel, GenerationMixin):
                 position_embeddings=rotary[m],
                 **kwargs,
             )
-        logits = self.lm_head(slice_logits_to_keep(self.norm(hidden), logits_to_keep))
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.norm(hidden)[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
