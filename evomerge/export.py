@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -177,16 +179,12 @@ def export_checkpoint(
     The folder holds safetensors weights, config, generation config, the base tokenizer,
     recipe.json, mergekit_config.yml and a README model card.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    out = free_folder(out_dir)
     paths = {name: str(p) for name, p in sources.paths.items()}
     config_yaml = mergekit_yaml(recipe, paths)  # validates the recipe before any work
     model = sources.new_model(recipe.dtype)
     build(recipe, sources, model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as tmp:
         base_dir = sources.paths[sources.base_name]
         if (base_dir / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(base_dir)
@@ -196,13 +194,31 @@ def export_checkpoint(
         recipe.save(tmp / "recipe.json")
         (tmp / "mergekit_config.yml").write_text(config_yaml)
         (tmp / "README.md").write_text(model_card(recipe, paths, config_yaml, scores))
+    return out
+
+
+def free_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, checked before any work: it must be missing or empty."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds: an error
+    leaves nothing half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def export_route(
@@ -221,9 +237,7 @@ def export_route(
 
     flow = recipe.dataflow
     assert flow is not None
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    out = free_folder(out_dir)
     paths = {ref: resolve_model(ref, zoo_dir) for ref in flow.models if ref != MERGED}
     merged, merge_yaml = None, None
     if recipe.method != DATAFLOW:
@@ -239,21 +253,13 @@ def export_route(
     model = route(flow, merged, loaded)
     refs = [MERGE_OUT if ref == MERGED else str(paths[ref]) for ref in flow.models]
     route_yaml = recipe_yaml(recipe, {ref: str(path) for ref, path in paths.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as tmp:
         save_path_checkpoint(model, tokenizer, tmp)
         recipe.save(tmp / "recipe.json")
         (tmp / "mergekit_config.yml").write_text(route_yaml)
         if merge_yaml is not None:
             (tmp / "merge_config.yml").write_text(merge_yaml)
         (tmp / "README.md").write_text(route_card(recipe, refs, route_yaml, merge_yaml, scores))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

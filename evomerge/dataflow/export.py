@@ -15,14 +15,13 @@ from typing import Any
 import yaml
 
 from evomerge.dataflow.model import PathForCausalLM
+from evomerge.export import free_folder
 from evomerge.recipe import DataFlow
 
 
 def save_path_checkpoint(model: PathForCausalLM, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (safetensors, config, generation config) and `tokenizer` to `out`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder exists and is not empty: {out}")
+    out = free_folder(out)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
