@@ -5,14 +5,13 @@ the evaluator and lm-eval's HFLM run on it, bad paths are clear errors."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from evomerge.dataflow import PathForCausalLM, passthrough_yaml, save_path_checkpoint
 from evomerge.fitness import Evaluator, greedy
@@ -25,17 +24,7 @@ SCALES = (1.0, 0.9, 1.1, 1.0, 1.2, 0.8, 1.0)
 PROMPTS = ["7+5=", "QWERTY>", "cat sun fire:", "61+48=", "king:"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(zoo_dir: Path):
-    return AutoTokenizer.from_pretrained(zoo_dir / "base")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
