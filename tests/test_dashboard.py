@@ -349,6 +349,16 @@ def test_new_study_refuses_models_outside_the_roots(client: TestClient) -> None:
     assert fields == {"base", "sources.1", "fitness.tasks.1.task"}
 
 
+def test_new_study_checks_dataflow_configs(client: TestClient) -> None:
+    routed = config_yaml("ps-dfs") + "dataflow: {b: /etc, trials: 4}\n"
+    r = client.post("/new", data={"yaml": routed})
+    assert r.status_code == 422
+    assert set(re.findall(r'data-field="([^"]+)"', r.text)) == {"dataflow.b"}
+    no_route = config_yaml("dfs", method="dataflow").replace("zoo:reverse]", "zoo:a, zoo:b]")
+    r = client.post("/new", data={"yaml": no_route})
+    assert r.status_code == 422 and "exactly two models" in r.text
+
+
 def test_new_study_refuses_a_taken_or_unsafe_name(client: TestClient) -> None:
     taken = client.post("/new", data={"yaml": config_yaml("x"), "name": "ties-done"})
     assert taken.status_code == 422 and "exists" in taken.text

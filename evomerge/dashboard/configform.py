@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from evomerge.config import ConfigError, StudyConfig
+from evomerge.config import DATAFLOW, ConfigError, StudyConfig
 from evomerge.dashboard.paths import NAME, refused_refs
 from evomerge.recipe import layer_group_names
 
@@ -95,6 +95,8 @@ def _space_errors(config: StudyConfig) -> dict[str, str]:
     """
     from evomerge.space import SearchSpace
 
+    if config.method == DATAFLOW:  # routes only: no merge method or parameters to check
+        return {}
     try:
         SearchSpace(config, layer_group_names(1))
     except ValueError as e:
