@@ -16,6 +16,8 @@ app = typer.Typer(
 console = Console()
 # Tokenizers' thread pool and Ray's forked workers do not mix; workers need no parallel tokenizing.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The commands draw their own progress; transformers' per-checkpoint bars would interleave.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 err_console = Console(stderr=True)
 
 
