@@ -1,5 +1,7 @@
-# One image for the coordinator, the dashboard and the Ray workers.
-# GPU nodes: build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# One image for the coordinator, the dashboard and the Ray workers (docker-compose.yml).
+# PyPI's Linux torch wheel carries CUDA, so the default image runs on GPU nodes as it is; for
+# another CUDA build or a smaller CPU-only image pick the wheel index, e.g.
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126   (or .../whl/cpu)
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch"
 ARG TORCH_INDEX=""

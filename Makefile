@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench zoo clean
+.PHONY: demo test test-all test-slow lint bench zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The dashboard's browser tests drive Debian's Chromium (never a downloaded browser).
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+	# `docker compose config` checks docker-compose.yml; no Docker engine is needed for it.
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
+		(apt-get update -q && apt-get install -y -q docker-compose) || true
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +29,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -33,6 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.coordinator
 	$(BIN)/python -m benchmarks.merge_build --small
+	$(BIN)/python -m benchmarks.trial
 
 zoo: $(STAMP)
 	$(BIN)/evomerge zoo build

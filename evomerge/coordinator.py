@@ -35,7 +35,7 @@ from evomerge.recipe import layer_group_names
 from evomerge.space import DataFlowSpace, SearchSpace
 from storage import LeaseLostError, Store
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
-from workers.pool import Outcome, WorkerPool, connect
+from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
 
 MAX_WORKER_DEATHS = 3
 GENERATION_ATTR = "cma:generation"
@@ -294,11 +294,14 @@ class Coordinator:
                 stopping = self._budget_reason(complete, best, t_start)
             while stopping is None and pool.idle and complete + pool.busy < budget.trials:
                 self._ask(pool, run_id)
-            if not pool.busy:
+            if not pool.busy and stopping is None and not pool.recovering:
+                # Budget left, nothing running, no idle actor and none Ray can restart.
+                raise WorkersLostError("every worker is gone and Ray cannot restart any")
+            if not pool.busy and stopping is not None:
                 if stopping == "stop requested":
                     self.store.clear_stop_request(name)
                     return "stopped", stopping
-                return "finished", stopping or "budget reached"
+                return "finished", stopping
             outcomes = pool.wait(timeout=0.5)
             for outcome in outcomes:
                 self._finish(outcome, pool)

@@ -76,7 +76,25 @@ def make_engine(url: str | URL, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) 
     return engine
 
 
+def sqlite_journal(engine: Engine) -> None:
+    """WAL with synchronous=NORMAL on every new connection of `engine` (ours and Optuna's).
+
+    A commit then survives any process crash; only an OS crash or power loss can drop the
+    last commits. The default, FULL, would fsync each of Optuna's many small commits (one per
+    parameter of every trial).
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+
 def _tune_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    sqlite_journal(engine)
+
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # The driver's own implicit BEGIN (DML only, never DDL) is switched off; `_begin` below
@@ -84,10 +102,6 @@ def _tune_sqlite(engine: Engine, busy_timeout_s: float) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        # WAL + NORMAL: a commit survives any process crash; only an OS crash or power loss
-        # can drop the last commits. FULL would fsync every one of Optuna's many commits.
-        cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 

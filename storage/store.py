@@ -22,9 +22,11 @@ from sqlalchemy.exc import IntegrityError
 from storage import queries
 from storage.db import (
     DEFAULT_BUSY_TIMEOUT_S,
+    MIGRATE_LOCK_KEY,
     default_storage_url,
     make_engine,
     parse_url,
+    sqlite_journal,
     transaction,
     upgrade_to_head,
 )
@@ -158,8 +160,27 @@ class Store:
         engine_kwargs: dict[str, Any] = {}
         if self._engine.dialect.name == "sqlite":
             engine_kwargs["connect_args"] = {"timeout": self.busy_timeout_s}
-        with translated(self.url, self.busy_timeout_s, connecting=True):
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        with translated(self.url, self.busy_timeout_s, connecting=True), self._schema_lock():
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        if self._engine.dialect.name == "sqlite":
+            sqlite_journal(storage.engine)
+            storage.engine.dispose()  # connections opened while creating tables: reopen tuned
+        return storage
+
+    @contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """PostgreSQL: one process at a time lets Optuna create its tables. Optuna's
+        `create_all` checks, then creates; coordinators starting at once on a fresh database
+        collide on `CREATE TYPE` (UniqueViolation) without this. Same lock as `migrate()`."""
+        if self._engine.dialect.name != "postgresql":
+            yield
+            return
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATE_LOCK_KEY})
 
     def _study_id(self, conn: Connection, name: str, *, lock: bool = False) -> int:
         query = sa.select(studies.c.id).where(studies.c.name == name)

@@ -118,7 +118,8 @@ def test_demo_search_from_start_to_export(page: Page, tmp_path: Path, zoo_dir: P
     """The whole loop: a real coordinator, real merges, real scores.
 
     It starts `configs/demo.yaml` edited in the page, as a user would, to use the test-size
-    zoo and a budget of 12, so that it runs in minutes on a CPU.
+    zoo and a budget too large to finish (trials take a fraction of a second), so that every
+    Stop lands while trials are running.
     """
     from mergekit.config import MergeConfiguration
 
@@ -126,7 +127,7 @@ def test_demo_search_from_start_to_export(page: Page, tmp_path: Path, zoo_dir: P
     with serve(url, tmp_path, CONFIGS_DIR) as base:
         page.goto(f"{base}/new?config=demo.yaml")
         demo = page.input_value("#yaml")
-        edited = re.sub(r"budget: \{trials: \d+", "budget: {trials: 12", demo)
+        edited = re.sub(r"budget: \{trials: \d+", "budget: {trials: 5000", demo)
         page.fill("#yaml", edited.replace("zoo: demo", "zoo: test"))
         page.fill("input[name=name]", "browser-demo")
         page.get_by_role("button", name="Start").click()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -42,11 +43,19 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     )
 
 
+class WorkersLostError(RuntimeError):
+    """Every actor died for good (Ray gave up restarting them): nothing can run a trial."""
+
+
 class WorkerPool:
     """One actor per worker slot; each loads the sources once and lives for the whole study.
 
     A dead actor is restarted by Ray (`max_restarts`); its in-flight trial comes back as an
-    `Outcome` with `result=None` so the coordinator can rerun the same recipe.
+    `Outcome` with `result=None` so the coordinator can rerun the same recipe. The actor is
+    out of service until Ray has restarted it, which may be never when its node is gone and
+    no other node has room: reruns and new trials go to the live actors meanwhile (a
+    submission with no idle actor waits in a backlog), so losing a node slows a study down
+    instead of failing its trials.
     """
 
     def __init__(
@@ -65,6 +74,8 @@ class WorkerPool:
         self.actors = [actor_cls.remote(spec) for _ in range(count)]
         self._idle = list(self.actors)
         self._inflight: dict[ray.ObjectRef, tuple[Hashable, str, str, ray.actor.ActorHandle]] = {}
+        self._recovering: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}  # ping -> dead actor
+        self._backlog: deque[tuple[Hashable, str, str]] = deque()
         try:
             self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=600)
         except (RayActorError, RayTaskError) as e:
@@ -77,35 +88,65 @@ class WorkerPool:
 
     @property
     def busy(self) -> int:
-        return len(self._inflight)
+        """Trials submitted and not finished: running, or waiting for an actor."""
+        return len(self._inflight) + len(self._backlog)
+
+    @property
+    def recovering(self) -> int:
+        """Actors that died and that Ray may still restart."""
+        return len(self._recovering)
 
     def submit(self, key: Hashable, recipe_json: str, split: str = "search") -> None:
+        if not self._idle:  # only after a worker died: its rerun waits for a live actor
+            self._backlog.append((key, recipe_json, split))
+            return
         actor = self._idle.pop()
         ref = actor.evaluate.remote(recipe_json, split)
         self._inflight[ref] = (key, recipe_json, split, actor)
 
     def wait(self, timeout: float) -> list[Outcome]:
         """Outcomes that finished within `timeout` seconds (possibly none)."""
-        if not self._inflight:
+        refs = [*self._inflight, *self._recovering]
+        if not refs:
+            if self._backlog:
+                raise WorkersLostError("every worker died and Ray could not restart any")
             return []
-        ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if ready:
-            ready, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         outcomes = []
         for ref in ready:
+            if ref in self._recovering:
+                self._recovered(ref)
+                continue
             key, recipe_json, split, actor = self._inflight.pop(ref)
             try:
                 result: TrialResult | None = ray.get(ref)
+                self._idle.append(actor)
             except RayActorError as e:
                 log.warning("worker died during trial %s: %s", key, e)
                 result = None
-            self._idle.append(actor)
+                # Back in service once Ray has restarted it: the ping waits (retrying) while
+                # the actor is restarting and fails once Ray gives up on it.
+                self._recovering[actor.pid.options(max_task_retries=-1).remote()] = actor
             outcomes.append(Outcome(key, recipe_json, split, result))
+        while self._backlog and self._idle:
+            self.submit(*self._backlog.popleft())
         return outcomes
+
+    def _recovered(self, ping: ray.ObjectRef) -> None:
+        actor = self._recovering.pop(ping)
+        try:
+            ray.get(ping)
+        except RayActorError as e:
+            log.warning("worker lost for good: %s", e)
+            return
+        self._idle.append(actor)
 
     def cancel(self) -> list[Hashable]:
         """Abandon every in-flight trial now (the actors are killed); returns their keys."""
         keys = [key for key, *_ in self._inflight.values()]
+        keys += [key for key, *_ in self._backlog]
         self.shutdown()
         return keys
 
@@ -113,4 +154,6 @@ class WorkerPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self._inflight.clear()
+        self._recovering.clear()
+        self._backlog.clear()
         self._idle.clear()

@@ -44,6 +44,7 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
     from evomerge.coordinator import Coordinator
     from evomerge.coordinator import Progress as RunProgress
     from storage import StudyBusyError
+    from workers.pool import WorkersLostError, WorkerStartError
 
     try:
         coordinator = Coordinator(config, store)
@@ -79,10 +80,14 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
             summary = coordinator.run()
         except StudyBusyError as e:
             raise fail(str(e), 3) from e
+        except (WorkerStartError, WorkersLostError) as e:  # recorded as the run's exit reason
+            raise fail(f"study {config.name!r} failed: {e}", 1) from e
     console.print(
         f"study [bold]{summary.study}[/]: {summary.status} ({summary.reason}); "
         f"{summary.complete} complete, {summary.failed} failed in {summary.seconds:.0f} s"
     )
+    if summary.status == "failed":
+        raise fail(f"study {summary.study!r} failed: {summary.reason}", 1)
     if summary.status == "finished" and config.next_stage:
         _drive_dataflow_stage(config, store)
 
