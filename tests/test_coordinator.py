@@ -18,6 +18,7 @@ from evomerge.config import StudyConfig
 from evomerge.coordinator import GENERATION_ATTR, Coordinator
 from evomerge.recipe import Recipe
 from storage import Store
+from tests.test_dataflow_study import DFS
 from workers.actor import CandidateWorker, TrialResult
 
 CONFIG = """
@@ -152,9 +153,15 @@ def _evomerge(*args: str, env: dict) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+    ("backend", "config"),
+    [
+        ("sqlite", CONFIG),
+        pytest.param("postgres", CONFIG, marks=pytest.mark.postgres),
+        ("sqlite", DFS),  # a data-flow study resumes the same way
+    ],
+    ids=["sqlite", "postgres", "sqlite-dataflow"],
 )
-def test_resume_after_sigkill(zoo_dir, backend, tmp_path, request):
+def test_resume_after_sigkill(zoo_dir, backend, config, tmp_path, request):
     """SIGKILL the coordinator three times at random moments; resume; nothing lost."""
     url = (
         request.getfixturevalue("pg_url")
@@ -163,7 +170,7 @@ def test_resume_after_sigkill(zoo_dir, backend, tmp_path, request):
     )
     budget = 14
     cfg_path = tmp_path / "study.yaml"
-    cfg_path.write_text(CONFIG.format(name="killed", trials=budget))
+    cfg_path.write_text(config.format(name="killed", trials=budget))
     env = {**os.environ, "EVOMERGE_STORAGE": url}
     rng = random.Random(7)
     store = Store(url)

@@ -27,7 +27,7 @@ fitness: {{tasks: [zoo:add, zoo:reverse], limit: 16, heldout_limit: 16}}
 optimizer: {{population: 4}}
 budget: {{trials: {trials}, heldout_top_k: 2}}
 workers: {{count: 2, cpus_per_worker: 0.5, torch_threads: 1}}
-heartbeat: {{interval_s: 0.5, stale_after_s: 5}}
+heartbeat: {{interval_s: 0.5, stale_after_s: 3}}
 """
 
 PS_DFS = """
