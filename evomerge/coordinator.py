@@ -129,13 +129,17 @@ def build_space(config: StudyConfig) -> tuple[Space, WorkerSpec]:
     """Validate everything a run needs that can be checked without writing anything."""
     spec = WorkerSpec.from_config(config)
 
-    def layers(path: str | None) -> int:
-        return AutoConfig.from_pretrained(path).num_hidden_layers
-
     if config.is_dataflow:
-        a = spec.base_path if spec.base_path is not None else spec.routed_paths[0]
-        return DataFlowSpace(config, layers(a), layers(spec.routed_paths[-1])), spec
-    groups = layer_group_names(layers(spec.base_path), config.granularity)
+        a = AutoConfig.from_pretrained(spec.base_path or spec.routed_paths[0])
+        b = AutoConfig.from_pretrained(spec.routed_paths[-1])
+        if a.hidden_size != b.hidden_size:
+            raise ValueError(
+                f"dataflow: cannot route between models of hidden size {a.hidden_size} (A) "
+                f"and {b.hidden_size} (B, {spec.routed[-1]})"
+            )
+        return DataFlowSpace(config, a.num_hidden_layers, b.num_hidden_layers), spec
+    layers = AutoConfig.from_pretrained(spec.base_path).num_hidden_layers
+    groups = layer_group_names(layers, config.granularity)
     return SearchSpace(config, groups), spec
 
 

@@ -108,3 +108,21 @@ def test_ps_dfs_chains_stage_two_and_is_queried_like_any_study(zoo_dir, tmp_path
     exported = _cli("export", "psdfs-dfs", "--out", str(out), env=env)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert (out / "merge_config.yml").is_file() and (out / "config.json").is_file()
+
+
+def test_models_that_cannot_be_routed_are_refused_before_anything_is_written(
+    zoo_dir, tiny_llama, tmp_path
+):
+    """A route between models of different widths is exit 2, naming B, with no study."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    cfg = tmp_path / "bad.yaml"
+    text = DFS.format(name="narrow", trials=2).replace("zoo:reverse", str(tiny_llama.base))
+    cfg.write_text(text)
+    url = f"sqlite:///{tmp_path / 'refused.db'}"
+    result = CliRunner().invoke(app, ["run", str(cfg), "--storage", url])
+    assert result.exit_code == 2, result.output
+    assert "hidden size 64 (A) and 32 (B" in " ".join(result.output.split())
+    assert Store(url).get_study("narrow", missing_ok=True) is None
