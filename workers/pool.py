@@ -56,6 +56,10 @@ class WorkerPool:
     no other node has room: reruns and new trials go to the live actors meanwhile (a
     submission with no idle actor waits in a backlog), so losing a node slows a study down
     instead of failing its trials.
+
+    Each actor takes `depth` trials at a time (a slot each): the next candidate already waits
+    at the actor while one runs, so no worker idles while the coordinator records a result,
+    tells CMA-ES and asks for the next trial.
     """
 
     def __init__(
@@ -66,13 +70,14 @@ class WorkerPool:
         num_gpus: float = 0,
         num_cpus: float = 1,
         max_restarts: int = 3,
+        depth: int = 2,
         worker_cls: type[CandidateWorker] = CandidateWorker,
     ) -> None:
         actor_cls = ray.remote(worker_cls).options(
             num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0
         )
         self.actors = [actor_cls.remote(spec) for _ in range(count)]
-        self._idle = list(self.actors)
+        self._idle = [a for _ in range(depth) for a in self.actors]  # free slots, round robin
         self._inflight: dict[ray.ObjectRef, tuple[Hashable, str, str, ray.actor.ActorHandle]] = {}
         self._recovering: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}  # ping -> dead actor
         self._backlog: deque[tuple[Hashable, str, str]] = deque()
@@ -93,7 +98,7 @@ class WorkerPool:
 
     @property
     def recovering(self) -> int:
-        """Actors that died and that Ray may still restart."""
+        """Slots of actors that died and that Ray may still restart."""
         return len(self._recovering)
 
     def submit(self, key: Hashable, recipe_json: str, split: str = "search") -> None:
