@@ -6,7 +6,8 @@ python -m benchmarks.coordinator [--trials 5000] [--storage URL]
    start, record the result, tell), measured over 100 trials at the start of a study and
    again after it holds `--trials` trials; the ratio is the growth.
 2. Utilisation: the real coordinator and pool with 4 Ray workers whose evaluation takes a
-   fixed time; busy time over (workers x wall time).
+   fixed time (0.5 s, with one and two trials queued per worker, and 2 s); busy time over
+   (workers x wall time).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ method: ties
 search: {{weight: {{low: 0, high: 1}}, density: {{low: 0.1, high: 1}}}}
 fitness: {{tasks: [zoo:add]}}
 budget: {{trials: {trials}, heldout_top_k: 0}}
-workers: {{count: 4, cpus_per_worker: 0.25}}
+workers: {{count: 4, cpus_per_worker: 0.25, queue: {queue}}}
 """
 
 
@@ -48,7 +49,7 @@ def synthetic_fitness(recipe: Recipe) -> float:
 
 def overhead(store: Store, n_trials: int, num_layers: int = 16) -> tuple[float, float]:
     """Mean seconds of coordinator work per trial: first 100, and 100 after `n_trials`."""
-    cfg = StudyConfig.from_yaml(CONFIG.format(name="overhead", trials=n_trials + 100))
+    cfg = StudyConfig.from_yaml(CONFIG.format(name="overhead", trials=n_trials + 100, queue=1))
     space = SearchSpace(cfg, layer_group_names(num_layers, 1))
     store.create_study(cfg.name, cfg.to_yaml(), optuna_study_name=cfg.name)
     run_id = store.start_run(cfg.name, 0, "bench", 30)
@@ -83,36 +84,32 @@ def overhead(store: Store, n_trials: int, num_layers: int = 16) -> tuple[float, 
     return early, late
 
 
-class FixedDurationWorker(CandidateWorker):
-    """A worker whose every evaluation takes exactly `DURATION` seconds and loads nothing."""
+def fixed_duration_worker(duration: float) -> type[CandidateWorker]:
+    """A worker class whose every evaluation takes exactly `duration` s and loads nothing."""
 
-    DURATION = 0.5
+    class FixedDurationWorker(CandidateWorker):
+        def __init__(self, spec: object) -> None:
+            self.name = "fixed"
 
-    def __init__(self, spec: object) -> None:
-        self.name = "fixed"
+        def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
+            time.sleep(duration)
+            fitness = synthetic_fitness(Recipe.from_json(recipe_json))
+            return TrialResult({"x": fitness}, fitness, 0.0, duration, self.name)
 
-    def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
-        time.sleep(self.DURATION)
-        fitness = synthetic_fitness(Recipe.from_json(recipe_json))
-        return TrialResult({"x": fitness}, fitness, 0.0, self.DURATION, self.name)
+    return FixedDurationWorker
 
 
-def utilisation(store: Store, n_trials: int = 80) -> float:
-    cfg = StudyConfig.from_yaml(CONFIG.format(name="utilisation", trials=n_trials))
+def utilisation(store: Store, duration: float, queue: int, n_trials: int = 80) -> float:
+    """Busy time over (workers x wall time) of the real coordinator and pool, 4 workers."""
+    name = f"utilisation-{duration}-{queue}"
+    cfg = StudyConfig.from_yaml(CONFIG.format(name=name, trials=n_trials, queue=queue))
     store.create_study(cfg.name, cfg.to_yaml(), optuna_study_name=cfg.name)
-    coordinator = Coordinator(cfg, store, worker_cls=FixedDurationWorker)
-    t0 = time.perf_counter()
-    coordinator.run()
+    Coordinator(cfg, store, worker_cls=fixed_duration_worker(duration)).run()
     rows = store.trials(cfg.name, state="COMPLETE")
     started = min(r.started_at for r in rows)
     finished = max(r.finished_at for r in rows)
     wall = (finished - started).total_seconds()
-    busy = len(rows) * FixedDurationWorker.DURATION
-    print(
-        f"utilisation run: {len(rows)} trials in {wall:.1f} s ({time.perf_counter() - t0:.1f} s "
-        "with worker start-up)"
-    )
-    return busy / (cfg.workers.count * wall)
+    return len(rows) * duration / (cfg.workers.count * wall)
 
 
 def main() -> None:
@@ -129,11 +126,12 @@ def main() -> None:
             f"overhead per trial: {early * 1e3:.1f} ms at 100 trials, {late * 1e3:.1f} ms at "
             f"{args.trials} trials; growth {late / early:.2f}x (floor: at most 2x)"
         )
-        util = utilisation(store)
-        print(
-            f"worker utilisation, 4 workers, {FixedDurationWorker.DURATION} s evaluations: "
-            f"{util:.1%} (floor: 90%)"
-        )
+        for duration, queue in ((0.5, 1), (0.5, 2), (2.0, 1)):
+            util = utilisation(store, duration, queue)
+            print(
+                f"worker utilisation, 4 workers, {duration} s evaluations, workers.queue "
+                f"{queue}: {util:.1%} (floor: 90%)"
+            )
 
 
 if __name__ == "__main__":

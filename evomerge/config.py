@@ -89,6 +89,14 @@ class WorkersConfig(_Frozen):
     cpus_per_worker: float = Field(1, gt=0)
     torch_threads: int | None = Field(None, gt=0)
     ray_address: str | None = None
+    queue: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="trials queued per worker: 2 hides the coordinator's ~0.1 s of work per "
+        "trial when trials take well under a second, but CMA-ES then asks up to twice as many "
+        "trials of a generation ahead, and the ones beyond its population are not learned from",
+    )
 
 
 class HeartbeatConfig(_Frozen):

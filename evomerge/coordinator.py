@@ -206,6 +206,7 @@ class Coordinator:
                 self.config.workers.count,
                 num_gpus=self.config.workers.gpus_per_worker,
                 num_cpus=self.config.workers.cpus_per_worker,
+                depth=self.config.workers.queue,
                 worker_cls=self.worker_cls,
             )
             try:

@@ -57,9 +57,10 @@ class WorkerPool:
     submission with no idle actor waits in a backlog), so losing a node slows a study down
     instead of failing its trials.
 
-    Each actor takes `depth` trials at a time (a slot each): the next candidate already waits
-    at the actor while one runs, so no worker idles while the coordinator records a result,
-    tells CMA-ES and asks for the next trial.
+    Each actor takes `depth` trials at a time (a slot each). With 2, the next candidate
+    already waits at the actor while one runs, so no worker idles while the coordinator
+    records a result, tells CMA-ES and asks for the next trial; the price is more trials in
+    flight, which CMA-ES samples from an older generation.
     """
 
     def __init__(
@@ -70,7 +71,7 @@ class WorkerPool:
         num_gpus: float = 0,
         num_cpus: float = 1,
         max_restarts: int = 3,
-        depth: int = 2,
+        depth: int = 1,
         worker_cls: type[CandidateWorker] = CandidateWorker,
     ) -> None:
         actor_cls = ray.remote(worker_cls).options(
