@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.merge_build import SHAPES, SOURCES, checkpoints, recipe
+from benchmarks.merge_build import SHAPES, SOURCES, checkpoints, copier, recipe
 from evomerge.config import StudyConfig
 from evomerge.coordinator import Coordinator
 from evomerge.models import SourceSet
@@ -62,13 +62,7 @@ def build_part(root: Path, reps: int) -> list[str]:
     )
     load_s = time.perf_counter() - t0
     model = sources.new_model("bfloat16")
-    moved = [(s.tv.view(-1), (s.tv.shape[0] + 2) * s.numel // 2) for s in sources.slots]
-    scratch = torch.empty(max(n for _, n in moved), device="cuda")
-
-    def copy() -> None:
-        for src, n in moved:
-            scratch[:n].copy_(src[:n])
-
+    copy = copier(sources)
     n_params = sum(s.numel for s in sources.slots)
     lines = [
         f"Build: {n_params / 1e6:.0f}M parameters, base + 3 sources (bf16 checkpoints, task "

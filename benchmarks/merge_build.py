@@ -147,7 +147,7 @@ def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
 def copier(sources: SourceSet):
     """Plain copies moving the bytes a build reads and writes, tensor by tensor."""
     per_slot = [(s.tv.view(-1), (s.tv.shape[0] + 2) * s.numel // 2) for s in sources.slots]
-    scratch = torch.empty(max(n for _, n in per_slot))
+    scratch = torch.empty(max(n for _, n in per_slot), device=sources.device)
 
     def run() -> None:
         for src, n in per_slot:

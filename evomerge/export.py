@@ -106,6 +106,25 @@ def mergekit_yaml(recipe: Recipe, source_paths: dict[str, str]) -> str:
     )
 
 
+def _card_end(scores: dict | None, reproduce: str, config_yaml: str) -> list[str]:
+    """A model card's last sections: scores, then how to rebuild it and its mergekit YAML."""
+    return [
+        "",
+        "## Scores",
+        "",
+        *_score_lines(scores),
+        "",
+        "## Reproduce",
+        "",
+        reproduce,
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+
+
 def _score_lines(scores: dict | None) -> list[str]:
     if not scores:
         return ["No scores recorded."]
@@ -155,20 +174,11 @@ def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, s
         lines.append(f"{recipe.method} has no numeric parameters.")
     if options:
         lines += ["", "Options: " + ", ".join(f"`{k}` = {v}" for k, v in options.items())]
-    lines += ["", "## Scores", "", *_score_lines(scores)]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
+    reproduce = (
         "`evomerge merge recipe.json --out DIR` rebuilds this folder bit for bit; the "
-        "equivalent mergekit config (`mergekit_config.yml`):",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        "equivalent mergekit config (`mergekit_config.yml`):"
+    )
+    return "\n".join(lines + _card_end(scores, reproduce, config_yaml))
 
 
 def export_checkpoint(
@@ -286,22 +296,13 @@ def route_card(
         f"| {i} | {'AB'[m]} | {layer} | {s:g} |"
         for i, ((m, layer), s) in enumerate(zip(flow.path, flow.scales, strict=True))
     ]
-    lines += ["", "## Scores", "", *_score_lines(scores)]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
+    reproduce = (
         "`import evomerge.dataflow` registers the model class; then "
         "`AutoModelForCausalLM.from_pretrained(this folder)` loads it. "
         "`evomerge merge recipe.json --out DIR` rebuilds it. mergekit's nearest config "
-        "(`mergekit_config.yml`):",
-        "",
-        "```yaml",
-        route_yaml.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        "(`mergekit_config.yml`):"
+    )
+    return "\n".join(lines + _card_end(scores, reproduce, route_yaml))
 
 
 def load_recipe_sources(
