@@ -3,15 +3,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH := 2.13.0
+# Where the CPU wheel of torch lies on the machines that refresh the lock.
+TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: demo test test-all test-slow lint bench zoo clean
+.PHONY: demo test test-all test-slow lint bench zoo lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# CPU torch from the local wheel first; an existing torch is left alone.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# Everything from the lock, hash-checked, nothing resolved here: a fresh machine gets the
+	# versions the suite was green on. Torch is not in the lock: each machine keeps its own build
+	# (an existing torch is left alone; otherwise the CPU wheel), and its dependencies come from
+	# the lock, so installing it fetches nothing else.
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	# The dashboard's browser tests drive Debian's Chromium (never a downloaded browser).
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	# `docker compose config` checks docker-compose.yml; no Docker engine is needed for it.
@@ -43,6 +50,16 @@ bench: $(STAMP)
 
 zoo: $(STAMP)
 	$(BIN)/evomerge zoo build
+
+# Refresh the lock to the newest releases that pyproject.toml's ranges admit. A deliberate
+# commit: run `make test-all` on the refreshed lock before committing it. Torch is resolved as
+# the CPU wheel, so that its CPU dependencies are locked, and then left out of the file.
+lock: $(STAMP)
+	echo "torch==$(TORCH)+cpu" > $(VENV)/torch-cpu.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) --override $(VENV)/torch-cpu.txt --no-emit-package torch \
+		--custom-compile-command "make lock" -o requirements.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info

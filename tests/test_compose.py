@@ -118,7 +118,9 @@ def test_dockerfile_installs_every_package_and_the_context_is_small() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for folder in ("evomerge", "workers", "storage", "configs"):
         assert re.search(rf"^COPY {folder} \./{folder}$", dockerfile, re.M), folder
-    assert "pip install -e ." in dockerfile
+    # The lock, hash-checked, before the project, which installs nothing more.
+    lock = dockerfile.index("pip install --require-hashes --no-deps -r requirements.lock")
+    assert lock < dockerfile.index("pip install --no-deps --no-build-isolation -e .")
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "models"} <= set(ignored)
 
