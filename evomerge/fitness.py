@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from evomerge.kvcache import cache_keyword, output_cache
 from evomerge.tasks import TaskSpec, load_task
 
 
@@ -322,12 +323,12 @@ def greedy(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_keyword(model.forward): past},
             )
             logits = out.logits[:, -1].float()
             _check_finite(logits)
-            past = out.past_key_values
+            past = output_cache(out)
             token = logits.argmax(-1).masked_fill(done, pad)
             new.append(token)
             done |= token == eos

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from evomerge.dataflow.cache import HopCache
+from evomerge.kvcache import OUTPUT_CACHE_FIELD, cache_keyword
 from evomerge.recipe import MERGED, DataFlow
 
 _MASKS = {
@@ -216,22 +217,25 @@ class PathForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits of the path, as a Hugging Face causal LM computes them (same arguments)."""
+        """Logits of the path, as a Hugging Face causal LM computes them (same arguments;
+        the cache also as `past_key_values`, the name transformers gave it before 5.24)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one slot per hop
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one slot per hop
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seen, seen + hidden.shape[1], device=hidden.device)[None]
         cfg = self.config
         masks: dict[tuple, torch.Tensor | None] = {}
@@ -246,20 +250,23 @@ class PathForCausalLM(PreTrainedModel, GenerationMixin):
             attn_config = layer.self_attn.config
             key = (kind, attn_config._attn_implementation)
             if key not in masks:
-                masks[key] = _MASKS[kind](
+                make_mask = _MASKS[kind]
+                masks[key] = make_mask(
                     config=attn_config,
                     inputs_embeds=hidden,
                     attention_mask=attention_mask,
-                    past_key_values=past_key_values,
                     position_ids=position_ids,
                     layer_idx=hop,
+                    **{cache_keyword(make_mask): cache},
                 )
+            # The layer gets the hop's view of the cache under whatever name it takes it.
+            hop_cache = None if cache is None else HopCache(cache, hop)
             hidden = layer(
                 hidden if scale == 1.0 else hidden * scale,
                 attention_mask=masks[key],
                 position_ids=position_ids,
-                past_key_values=None if past_key_values is None else HopCache(past_key_values, hop),
                 use_cache=use_cache,
+                **{cache_keyword(type(layer).forward): hop_cache},
                 position_embeddings=rotary[m],
                 **kwargs,
             )
@@ -268,7 +275,7 @@ class PathForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache})
 
 
 def route(
