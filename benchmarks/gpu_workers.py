@@ -63,10 +63,11 @@ def build_part(root: Path, reps: int) -> list[str]:
     load_s = time.perf_counter() - t0
     model = sources.new_model("bfloat16")
     copy = copier(sources)
-    n_params = sum(s.numel for s in sources.slots)
+    n_params = sum(e.numel for e in sources.entries)
     lines = [
-        f"Build: {n_params / 1e6:.0f}M parameters, base + 3 sources (bf16 checkpoints, task "
-        f"vectors resident in float32 on the GPU), candidate bf16; SourceSet load "
+        f"Build: {n_params / 1e6:.0f}M parameters, base + 3 sources (bf16 checkpoints, kept "
+        f"in bf16 on the GPU, task vectors formed per tensor in float32), candidate bf16; "
+        f"SourceSet load "
         f"{load_s:.1f} s; GPU memory after load {torch.cuda.memory_allocated() / 2**30:.2f} GiB.",
         "",
         "| method | build (ms) | copy (ms) | build / copy |",

@@ -145,12 +145,15 @@ def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def copier(sources: SourceSet):
-    """Plain copies moving the bytes a build reads and writes, tensor by tensor."""
-    per_slot = [(s.tv.view(-1), (s.tv.shape[0] + 2) * s.numel // 2) for s in sources.slots]
-    scratch = torch.empty(max(n for _, n in per_slot), device=sources.device)
+    """Plain copies moving the bytes a build reads and writes, tensor by tensor: per tensor,
+    (S + 2) / 2 float32 copies of it (S task vectors and the base read, the candidate
+    written, each byte counted once)."""
+    sizes = [(len(sources.names) + 2) * e.numel // 2 for e in sources.entries]
+    src = torch.ones(max(sizes), device=sources.device)
+    scratch = torch.empty_like(src)
 
     def run() -> None:
-        for src, n in per_slot:
+        for n in sizes:
             scratch[:n].copy_(src[:n])
 
     return run
@@ -247,13 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     load_s = time.perf_counter() - t0
     model = sources.new_model("float32")
+    names = [e.name for e in sources.entries]
     mem = {"load": peak_rss() - rss0}
-    resident = sum(s.base.nbytes + s.tv.nbytes for s in sources.slots) + sum(
+    resident = sum(t.nbytes for ts in sources.weights.stream(names) for t in ts) + sum(
         p.nbytes for p in model.parameters()
     )
     ours, copies = time_builds(sources, model, args.methods, args.reps)
     mem |= peak_builds(sources, model, args.methods, rss0)
-    n_params = sum(s.numel for s in sources.slots)
+    n_params = sum(e.numel for e in sources.entries)
     del sources, model
     theirs = {m: mergekit_time(m, root, 2) for m in args.mergekit if m in args.methods}
 
@@ -305,8 +309,8 @@ def report(size, n_params, load_s, copies, ours, theirs, mem, resident, reps) ->
         )
     lines += [
         "",
-        f"Memory: {resident / 2**30:.2f} GiB resident by design (base + task "
-        "vectors + one candidate). Peak RSS above the start of the run:",
+        f"Memory: {resident / 2**30:.2f} GiB resident by design (base and sources in "
+        "their checkpoint dtype + one candidate). Peak RSS above the start of the run:",
     ]
     for phase, peak in mem.items():
         verdict = ""

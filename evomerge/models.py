@@ -1,9 +1,11 @@
 """Checkpoints, architecture tables and the `SourceSet` the merge engine builds from.
 
-A `SourceSet` is loaded once per worker: the base model and each source's task vector
-(source - base), stacked per tensor so that a merge reads every source of a tensor in one
-pass, plus per-tensor statistics (L1 norms, Gram matrices, magnitude rank grids) that make
-the per-candidate work cheap. Which tensor belongs to which layer group is data: one
+A `SourceSet` is loaded once per worker: the base model and the sources, kept where its
+placement says (`evomerge.placement`: on the device in their checkpoint dtype, or mapped
+from the files), plus per-tensor statistics (L1 norms, Gram matrices, magnitude rank grids)
+that make the per-candidate work cheap, cached on disk by content. A build reaches the
+tensors one at a time as `TensorSlot`s: float32 base and stacked task vectors (source -
+base), formed for that tensor only. Which tensor belongs to which layer group is data: one
 `ArchSpec` table per architecture, no per-architecture code.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,12 +22,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.initialization import no_init_weights
 
+from evomerge import stats_cache
+from evomerge.placement import Placement, Weights, open_weights
 from evomerge.recipe import EMBED, LM_HEAD, NORM, layer_group_names
+from evomerge.tensor_stats import MagnitudeGrid, TensorStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GRID = 4096  # magnitude rank grid points per (tensor, source): bracket top-k thresholds
-_STAT_CHUNK = 1 << 20
-_SORT_CHUNK = 1 << 22
 
 _LLAMA_LAYER = (
     "input_layernorm.weight",
@@ -173,6 +175,21 @@ class Checkpoint:
         offset, table = self._headers[self.files[name]]
         return _read(self.files[name], offset, table[name])
 
+    def locate(self, name: str) -> tuple[Path, int, int, torch.dtype]:
+        """The file of tensor `name`, its byte range there and its dtype."""
+        offset, table = self._headers[self.files[name]]
+        entry = table[name]
+        start, stop = entry["data_offsets"]
+        return self.files[name], offset + start, offset + stop, _dtype(self.files[name], entry)
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what the checkpoint holds in memory, in its dtype)."""
+        return sum(
+            e["data_offsets"][1] - e["data_offsets"][0]
+            for _, table in self._headers.values()
+            for e in table.values()
+        )
+
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -197,11 +214,16 @@ def _header(file: Path) -> tuple[int, dict]:
     return 8 + size, table
 
 
-def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
-    """One tensor read with plain file reads (no mmap: file pages stay out of our RSS)."""
+def _dtype(file: Path, entry: dict) -> torch.dtype:
     dtype = _ST_DTYPES.get(entry["dtype"])
     if dtype is None:
         raise ValueError(f"{file}: unsupported safetensors dtype {entry['dtype']}")
+    return dtype
+
+
+def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file reads (no mmap: file pages stay out of our RSS)."""
+    dtype = _dtype(file, entry)
     start, stop = entry["data_offsets"]
     raw = torch.empty(stop - start, dtype=torch.uint8)
     with open(file, "rb") as f:
@@ -209,57 +231,6 @@ def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
         if f.readinto(raw.numpy()) != stop - start:
             raise ValueError(f"{file}: truncated tensor data")
     return raw.view(dtype).reshape(entry["shape"])
-
-
-@dataclass(frozen=True, eq=False)
-class MagnitudeGrid:
-    """Exact order statistics of |x| per row at GRID evenly spaced ranks.
-
-    For grid value v_j, `above[j]` = #(|x| > v_j) and `atleast[j]` = #(|x| >= v_j). Any
-    top-k threshold lies between two neighbouring grid values, so finding it exactly takes
-    one scan for the few elements in between, never a sort.
-    """
-
-    values: torch.Tensor  # float32 [rows, G + 1], ascending
-    above: torch.Tensor  # int64 [rows, G + 1]
-    atleast: torch.Tensor  # int64 [rows, G + 1]
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> MagnitudeGrid:
-        """The grid of each row of x [rows, n].
-
-        Each chunk of a row is sorted on its own (non-negative floats sort like their int32
-        bits, and torch sorts ints by radix, fast), then each grid value is found by a
-        binary search over bit patterns, counting in the sorted chunks: exact, without
-        sorting, or holding more than one copy of, the whole row.
-        """
-        n = x.shape[1]
-        g = max(min(GRID, n - 1), 1)
-        want = torch.arange(g + 1, device=x.device) * (n - 1) // g + 1  # ranks, 1-based
-        rows = []
-        for row in x:
-            parts = [
-                row[a:b].float().abs().view(torch.int32).sort().values
-                for a, b in ((a, min(a + _SORT_CHUNK, n)) for a in range(0, n, _SORT_CHUNK))
-            ]
-
-            def at_most(v: torch.Tensor, parts=parts) -> torch.Tensor:
-                return sum(torch.searchsorted(p, v, right=True) for p in parts)
-
-            if len(parts) == 1:
-                v = parts[0][want - 1]
-            else:  # the smallest bit pattern with `want` elements at or below it
-                v = torch.zeros_like(want, dtype=torch.int32)
-                hi = torch.full_like(v, torch.iinfo(torch.int32).max)
-                while bool((v < hi).any()):
-                    mid = v + (hi - v) // 2
-                    enough = at_most(mid) >= want
-                    hi = torch.where(enough, mid, hi)
-                    v = torch.where(enough, v, mid + 1)
-            rows.append((v.view(torch.float32), n - at_most(v), n - at_most(v - 1)))
-        if not rows:  # a SourceSet of the base alone
-            return cls(torch.empty(0, g + 1, device=x.device), *want.new_empty(2, 0, g + 1))
-        return cls(*(torch.stack(t) for t in zip(*rows, strict=True)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,22 +257,65 @@ class TensorSlot:
         return self.base.numel()
 
 
-def _statistics(base: torch.Tensor, tv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 norm of each task vector and the Gram matrix of (base, tv_1, ..., tv_S), in float64."""
-    s = tv.shape[0]
-    gram = torch.zeros(s + 1, s + 1, dtype=torch.float64, device=base.device)
-    l1 = torch.zeros(s, dtype=torch.float64, device=base.device)
-    for start in range(0, base.numel(), _STAT_CHUNK):
-        stop = start + _STAT_CHUNK
-        rows = torch.cat([base[None, start:stop], tv[:, start:stop]]).double()
-        gram += rows @ rows.T
-        l1 += rows[1:].abs().sum(dim=1)
-    return l1, gram
+@dataclass(frozen=True, eq=False)
+class TensorEntry:
+    """What a SourceSet keeps of one tensor between builds (its weights are in `Weights`)."""
+
+    name: str
+    shape: torch.Size
+    part: str | int
+    stats: TensorStats
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class Slots(Sequence[TensorSlot]):
+    """A SourceSet's tensors in group order, each formed as a `TensorSlot` when reached:
+    iterating streams them (the host placement overlaps the next copy with this merge)."""
+
+    def __init__(self, entries: tuple[TensorEntry, ...], weights: Weights, store: torch.dtype):
+        self._entries, self._weights, self._store = entries, weights, store
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> TensorSlot:  # type: ignore[override]
+        entry = self._entries[i]
+        return _slot(entry, next(self._weights.stream([entry.name])), self._store)
+
+    def __iter__(self) -> Iterator[TensorSlot]:
+        raw = self._weights.stream([e.name for e in self._entries])
+        for entry, tensors in zip(self._entries, raw, strict=True):
+            yield _slot(entry, tensors, self._store)
+
+
+def _base(raw: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    return raw.to(torch.float32).to(store)
+
+
+def _form(raw: list[torch.Tensor], store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and task vectors of one tensor from its raw weights [base, source_1, ...]: the
+    float32 difference (exact for bf16/fp16 weights), stored as `store`."""
+    b = raw[0].to(torch.float32)
+    tv = torch.empty(len(raw) - 1, b.numel(), dtype=store, device=b.device)
+    for i, r in enumerate(raw[1:]):
+        torch.sub(r.to(torch.float32), b, out=tv[i])
+    return b.to(store), tv
+
+
+def _slot(entry: TensorEntry, raw: list[torch.Tensor], store: torch.dtype) -> TensorSlot:
+    s = entry.stats
+    return TensorSlot(
+        entry.name, entry.shape, entry.part, *_form(raw, store), s.l1, s.gram, s.grid, entry.cache
+    )
 
 
 @dataclass(frozen=True, eq=False)
 class SourceSet:
-    """A base model and sources, resident as base + task vectors, ready for candidate builds."""
+    """A base model and sources, kept where `placement` says, ready for candidate builds."""
 
     base_name: str
     names: tuple[str, ...]
@@ -309,7 +323,17 @@ class SourceSet:
     config: PretrainedConfig
     arch: ArchSpec
     device: torch.device
-    slots: tuple[TensorSlot, ...]
+    entries: tuple[TensorEntry, ...]
+    weights: Weights
+    store: torch.dtype
+
+    @property
+    def placement(self) -> Placement:
+        return self.weights.placement
+
+    @property
+    def slots(self) -> Slots:
+        return Slots(self.entries, self.weights, self.store)
 
     @classmethod
     def load(
@@ -321,12 +345,15 @@ class SourceSet:
         base_name: str | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        placement: Placement | str = Placement.DEVICE,
     ) -> SourceSet:
         """Load and check checkpoints; `names` and `base_name` are the references recipes use
         for the sources and the base (default: the str of each path).
 
-        `dtype` is the storage dtype of base and task vectors (default float32, in which the
-        difference of two bf16/fp16 weights is exact).
+        `dtype` is the dtype of the base and task vectors a build forms (default float32, in
+        which the difference of two bf16/fp16 weights is exact). `placement`: see
+        `evomerge.placement`. The statistics come from the on-disk cache when these
+        checkpoints were loaded before; else one pass computes them and checks every weight.
         """
         names = tuple(str(p) for p in sources) if names is None else tuple(names)
         if len(names) != len(sources):
@@ -341,12 +368,21 @@ class SourceSet:
         order = _check_compatible(base_name, base_ckpt, names, ckpts, arch)
         _check_tokenizers(base_name, base_ckpt, names, ckpts)
         device = _concrete(torch.device(device))
-        slots = tuple(
-            _load_slot(name, part, base_name, base_ckpt, names, ckpts, store, device)
-            for name, part in order
+        models = [base_ckpt, *ckpts]
+        tensors = [name for name, _ in order]
+        weights = open_weights(placement, models, tensors, device)
+        files = [sorted(set(ck.files.values())) for ck in models]
+        key = stats_cache.content_key(files, store, device)
+        stats = stats_cache.load(key, tensors, device)
+        if stats is None:
+            stats = _statistics(tensors, weights, (base_name, *names), store)
+            stats_cache.save(key, stats)
+        shapes = base_ckpt.shapes()
+        entries = tuple(
+            TensorEntry(name, torch.Size(shapes[name]), part, stats[name]) for name, part in order
         )
         paths = {base_name: base_ckpt.path} | {n: c.path for n, c in zip(names, ckpts, strict=True)}
-        return cls(base_name, names, paths, base_ckpt.config, arch, device, slots)
+        return cls(base_name, names, paths, base_ckpt.config, arch, device, entries, weights, store)
 
     @property
     def num_layers(self) -> int:
@@ -379,9 +415,10 @@ class SourceSet:
             model = AutoModelForCausalLM.from_config(self.config, dtype=DTYPES[dtype])
         model.tie_weights()  # skipped under no_init_weights
         params = dict(model.named_parameters(remove_duplicate=False))
+        raw = self.weights.stream([e.name for e in self.entries])
         with torch.no_grad():
-            for slot in self.slots:
-                params[slot.name].copy_(slot.base.view(slot.shape))
+            for entry, tensors in zip(self.entries, raw, strict=True):
+                params[entry.name].copy_(_base(tensors[0], self.store).view(entry.shape))
         return model.eval().requires_grad_(False)
 
 
@@ -471,30 +508,16 @@ def _check_tokenizers(
             )
 
 
-def _load_slot(
-    tensor: str,
-    part: str | int,
-    base_name: str,
-    base: Checkpoint,
-    names: Sequence[str],
-    ckpts: Sequence[Checkpoint],
-    store: torch.dtype,
-    device: torch.device,
-) -> TensorSlot:
-    def read(name: str, ck: Checkpoint) -> torch.Tensor:
-        t = ck.read(tensor)
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: tensor {tensor} is {t.dtype}, not floating point")
-        t = t.to(device=device, dtype=torch.float32)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}: tensor {tensor} has NaN or inf values")
-        return t
-
-    b = read(base_name, base)
-    shape, b = b.shape, b.reshape(-1)
-    tv = torch.empty(len(ckpts), b.numel(), dtype=store, device=device)
-    for i, (name, ck) in enumerate(zip(names, ckpts, strict=True)):
-        torch.sub(read(name, ck).reshape(-1), b, out=tv[i])
-    b = b.to(store)
-    l1, gram = _statistics(b, tv)
-    return TensorSlot(tensor, shape, part, b, tv, l1, gram, MagnitudeGrid.of(tv))
+def _statistics(
+    tensors: Sequence[str], weights: Weights, models: Sequence[str], store: torch.dtype
+) -> dict[str, TensorStats]:
+    """One pass over every weight: refuse non-float and non-finite ones, compute statistics."""
+    stats = {}
+    for name, raw in zip(tensors, weights.stream(tensors), strict=True):
+        for model, t in zip(models, raw, strict=True):
+            if not t.is_floating_point():
+                raise ValueError(f"{model}: tensor {name} is {t.dtype}, not floating point")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{model}: tensor {name} has NaN or inf values")
+        stats[name] = TensorStats.of(*_form(raw, store))
+    return stats

@@ -1,0 +1,117 @@
+"""Where a worker keeps its sources between builds: the two placements.
+
+`device`: the base and every source on the worker's device, in their checkpoint dtype (bf16
+stays 2 bytes a parameter). `host`: nothing private at all; the safetensors files are
+mapped read-only, so their pages live once in the node's page cache, shared by every
+worker of the node, and a build streams them to the device tensor by tensor. Either way a
+build forms each tensor's float32 task vectors only while it merges that tensor.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+from collections.abc import Iterator, Sequence
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+
+class Placement(StrEnum):
+    """Where a worker keeps its sources (a study's `workers.sources`, `auto` resolved)."""
+
+    DEVICE = "device"
+    HOST = "host"
+
+
+class Weights:
+    """The raw tensors (checkpoint dtype, flat) of the base and the sources, per tensor name:
+    `stream(names)` yields, for each name in turn, [base, source_1, ..., source_S] on `device`.
+    """
+
+    placement: Placement
+    device: torch.device
+
+    def stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+        raise NotImplementedError
+
+
+class DeviceWeights(Weights):
+    placement = Placement.DEVICE
+
+    def __init__(self, models: Sequence, names: Sequence[str], device: torch.device) -> None:
+        """`models`: the Checkpoints, base first; every tensor is read once, to `device`."""
+        self.device = device
+        self._tensors = {n: [ck.read(n).reshape(-1).to(device) for ck in models] for n in names}
+
+    def stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+        for n in names:
+            yield self._tensors[n]
+
+
+class HostWeights(Weights):
+    placement = Placement.HOST
+
+    def __init__(self, models: Sequence, names: Sequence[str], device: torch.device) -> None:
+        """`models`: the Checkpoints, base first; their files are mapped, nothing is read."""
+        self.device = device
+        maps: dict[Path, mmap.mmap] = {}
+        self._views: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for ck in models:
+            for n in names:
+                file, start, stop, dtype = ck.locate(n)
+                if file not in maps:
+                    with open(file, "rb") as f:
+                        maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._views[n].append(_view(maps[file], start, stop, dtype))
+
+    def stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+        if self.device.type != "cuda":
+            for n in names:
+                yield self._views[n]
+            return
+        yield from self._cuda_stream(names)
+
+    def _cuda_stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+        """Copy tensor i + 1 on a side stream while the caller merges tensor i: each source
+        is staged in pinned memory (torch's caching host allocator reuses the buffers)."""
+        side = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+
+        def start(name: str) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+            with torch.cuda.stream(side):
+                moved = [
+                    v.pin_memory().to(self.device, non_blocking=True) for v in self._views[name]
+                ]
+                done = torch.cuda.Event()
+                done.record(side)
+            return moved, done
+
+        pending = start(names[0]) if names else None
+        for i in range(len(names)):
+            moved, done = pending
+            if i + 1 < len(names):
+                pending = start(names[i + 1])
+            main.wait_event(done)
+            for t in moved:
+                t.record_stream(main)
+            yield moved
+
+
+def _view(buf: mmap.mmap, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor over bytes start..stop of a read-only mapping (no copy)."""
+    if stop == start:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():  # the mapping is read-only and nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8, count=stop - start, offset=start).view(
+            dtype
+        )
+
+
+def open_weights(
+    placement: str, models: Sequence, names: Sequence[str], device: torch.device
+) -> Weights:
+    kind = {Placement.DEVICE: DeviceWeights, Placement.HOST: HostWeights}
+    return kind[Placement(placement)](models, names, device)

@@ -1,0 +1,88 @@
+"""The on-disk cache of a SourceSet's statistics, keyed by the checkpoints' content.
+
+Computing the statistics reads every weight of every source once (about a minute per
+billion parameters on a CPU); with the cache, the second worker of a node, the next run and
+a resumed run only map the files. The cache lives beside the toy zoo's, under
+`$EVOMERGE_CACHE` or the user cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+from safetensors.torch import load_file, save_file
+
+from evomerge.tensor_stats import GRID, TensorStats
+
+FORMAT = 1  # bump when the statistics or their layout change
+SAMPLE = 4096  # bytes read from the middle of every tensor for the key
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVOMERGE_CACHE") or user_cache_dir("evomerge")) / "stats"
+
+
+def content_key(files: Sequence[Sequence[Path]], store: torch.dtype, device: torch.device) -> str:
+    """A key for the statistics of the models whose safetensors files are `files` (base first).
+
+    Not a full sha256: hashing four 7B checkpoints reads 58 GB, which is the cost the cache
+    is there to avoid. Instead the key hashes every file's size and header (each tensor's
+    name, dtype, shape and offsets) and SAMPLE bytes from the middle of every tensor. Two
+    fine-tunes of one base differ almost everywhere, so they differ in those samples; a file
+    that only differs in bytes no sample reads would share a key, which is the price of a
+    load that costs milliseconds. Paths are left out (a copy on another node hits the
+    cache); the torch version, storage dtype and device type are in, since the statistics
+    are computed there and builds read them bit for bit.
+    """
+    h = hashlib.sha256(f"{FORMAT}\0{GRID}\0{torch.__version__}\0{store}\0{device.type}".encode())
+    for model in files:
+        h.update(b"\1model")
+        for file in model:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = f.read(size)
+                h.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little") + header)
+                for start, stop in _spans(header):
+                    f.seek(8 + size + max(start, (start + stop - SAMPLE) // 2))
+                    h.update(f.read(min(SAMPLE, stop - start)))
+    return h.hexdigest()
+
+
+def _spans(header: bytes) -> list[tuple[int, int]]:
+    """Each tensor's [start, stop) in the data section, in file order."""
+    table = json.loads(header)
+    table.pop("__metadata__", None)
+    return sorted(tuple(e["data_offsets"]) for e in table.values())
+
+
+def load(key: str, names: Sequence[str], device: torch.device) -> dict[str, TensorStats] | None:
+    """The cached statistics of tensors `names`, or None when there are none for `key`."""
+    path = cache_dir() / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    flat = load_file(path, device=str(device))
+    try:
+        return {
+            n: TensorStats.from_tensors({f: flat[f"{n}/{f}"] for f in TensorStats.FIELDS})
+            for n in names
+        }
+    except KeyError:  # a file of another set of tensors under this key: recompute
+        return None
+
+
+def save(key: str, stats: dict[str, TensorStats]) -> None:
+    """Write atomically: workers of one node may save the same key at once."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {
+        f"{n}/{f}": t.contiguous().cpu() for n, s in stats.items() for f, t in s.tensors().items()
+    }
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    save_file(flat, tmp)
+    os.replace(tmp, folder / f"{key}.safetensors")

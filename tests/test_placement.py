@@ -1,0 +1,131 @@
+"""Placements: every merge method builds today's bits from either placement, statistics come
+back from the on-disk cache, and the host placement holds no private copy of the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.merge import METHODS, build, resolve
+from evomerge.models import SourceSet
+from evomerge.placement import Placement
+from evomerge.recipe import Recipe
+from tests.fixtures_models import NAMES, make_family
+from tests.test_merge_methods import recipe_for
+
+PLACEMENTS = [p.value for p in Placement]
+
+
+def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:
+    """The build as it was before placements: every tensor's float32 base and task vectors
+    resident at once, merged tensor by tensor."""
+    model = sources.new_model(recipe.dtype)
+    plan = resolve(recipe, sources)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    resident = list(sources.slots)
+    with torch.no_grad():
+        for slot in resident:
+            plan.method.merge(plan.job(slot, params[slot.name].detach().view(-1)))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def placed_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:
+    model = sources.new_model(recipe.dtype)
+    build(recipe, sources, model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_bits(mine: dict, theirs: dict) -> None:
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert torch.equal(mine[k], theirs[k]), k
+
+
+def _load(base, sources, placement, names=NAMES, base_name="base") -> SourceSet:
+    return SourceSet.load(base, sources, names=names, base_name=base_name, placement=placement)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_placement_builds_the_same_bits(method, placement, tiny_family):
+    reference = _load(tiny_family.base, tiny_family.sources, Placement.DEVICE)
+    placed = _load(tiny_family.base, tiny_family.sources, placement)
+    recipe = recipe_for(method, reference, fixed={"density": 0.6}, seed=3)
+    expected = resident_build(recipe, reference)
+    assert_bits(placed_build(recipe, placed), expected)
+    assert_bits(placed_build(recipe, placed), expected)  # again, after the first build's caches
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_placement_builds_the_same_bits_on_bf16_shards(placement, tiny_llama_bf16_sharded):
+    fam = tiny_llama_bf16_sharded
+    reference = _load(fam.base, fam.sources, Placement.DEVICE, names=NAMES[:2])
+    placed = _load(fam.base, fam.sources, placement, names=NAMES[:2])
+    for method in sorted(METHODS):
+        srcs = NAMES[:1] if method == "slerp" else NAMES[:2]
+        recipe = recipe_for(method, reference, sources=srcs, dtype="bfloat16", seed=5)
+        assert_bits(placed_build(recipe, placed), resident_build(recipe, reference))
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_placement_builds_the_same_bits_on_the_zoo(placement, zoo_dir):
+    from evomerge.zoo import resolve_model
+
+    experts = ("zoo:add", "zoo:reverse", "zoo:translate")
+    paths = [resolve_model(e, zoo_dir) for e in experts]
+    base = resolve_model("zoo:base", zoo_dir)
+    reference = _load(base, paths, Placement.DEVICE, names=experts, base_name="zoo:base")
+    placed = _load(base, paths, placement, names=experts, base_name="zoo:base")
+    for method in sorted(METHODS):
+        recipe = recipe_for(
+            method,
+            reference,
+            base=None if method == "linear" else "zoo:base",
+            sources=experts[:1] if method == "slerp" else experts,
+            fixed={"density": 0.5},
+        )
+        assert_bits(placed_build(recipe, placed), resident_build(recipe, reference))
+
+
+def test_statistics_are_cached_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    fam = make_family(tmp_path / "one", "llama", seed=11)
+    first = _load(fam.base, fam.sources, Placement.HOST)
+    files = list((tmp_path / "cache" / "stats").glob("*.safetensors"))
+    assert len(files) == 1
+    moved = tmp_path / "moved"
+    (tmp_path / "one").rename(moved)  # the key is the content, not the paths
+    second = _load(moved / "base", [moved / p.name for p in fam.sources], Placement.DEVICE)
+    assert list((tmp_path / "cache" / "stats").glob("*.safetensors")) == files
+    for a, b in zip(first.entries, second.entries, strict=True):
+        assert torch.equal(a.stats.gram, b.stats.gram) and torch.equal(a.stats.l1, b.stats.l1)
+        assert torch.equal(a.stats.grid.values, b.stats.grid.values)
+    other = make_family(tmp_path / "two", "llama", seed=12)  # same shapes, other weights
+    _load(other.base, other.sources, Placement.HOST)
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 2
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at `address` in this process ("" for anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, stop = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < stop:
+            return fields[5] if len(fields) == 6 else ""
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
+def test_host_placement_maps_the_files_and_copies_nothing(tiny_llama):
+    """Host weights are the page cache's pages of the checkpoint files (shared by every
+    process that maps them); device weights are the worker's own memory."""
+    host = _load(tiny_llama.base, tiny_llama.sources, Placement.HOST)
+    device = _load(tiny_llama.base, tiny_llama.sources, Placement.DEVICE)
+    names = [e.name for e in host.entries]
+    for name, mapped, owned in zip(
+        names, host.weights.stream(names), device.weights.stream(names), strict=True
+    ):
+        files = {_mapped_file(t.data_ptr()) for t in mapped}
+        assert all(f.endswith(".safetensors") for f in files), name
+        assert {_mapped_file(t.data_ptr()) for t in owned} & files == set(), name
