@@ -97,6 +97,15 @@ class WorkersConfig(_Frozen):
         "trial when trials take well under a second, but CMA-ES then asks up to twice as many "
         "trials of a generation ahead, and the ones beyond its population are not learned from",
     )
+    sources: Literal["device", "host", "auto"] = Field(
+        "auto",
+        description="where a worker keeps the sources: `device` (on its GPU or in its own "
+        "memory, checkpoint dtype), `host` (mapped from the files, one copy per node, streamed "
+        "per build) or `auto` (device when it fits; `evomerge plan` shows the numbers)",
+    )
+    memory_gb: float | None = Field(
+        None, gt=0, description="memory a worker may plan for (default: what its device has free)"
+    )
 
 
 class HeartbeatConfig(_Frozen):

@@ -20,8 +20,10 @@ from transformers import AutoTokenizer
 from evomerge.config import StudyConfig
 from evomerge.dataflow import route
 from evomerge.fitness import Evaluator
+from evomerge.memory import WorkerPlan, device_memory, out_of_memory, plan_worker, release
 from evomerge.merge import build
 from evomerge.models import SourceSet, load_model
+from evomerge.placement import Placement
 from evomerge.recipe import DATAFLOW, Recipe
 from evomerge.zoo import default_zoo_dir
 
@@ -48,6 +50,10 @@ class WorkerSpec(BaseModel):
     zoo_dir: str | None
     dtype: str
     torch_threads: int | None
+    placement: str = "auto"
+    memory_gb: float | None = None
+    gpus_per_worker: float = 0
+    workers: int = 1
 
     @classmethod
     def from_config(cls, config: StudyConfig) -> WorkerSpec:
@@ -72,7 +78,31 @@ class WorkerSpec(BaseModel):
             zoo_dir=str(default_zoo_dir(config.zoo or "demo")),
             dtype=config.dtype,
             torch_threads=config.workers.torch_threads,
+            placement=config.workers.sources,
+            memory_gb=config.workers.memory_gb,
+            gpus_per_worker=config.workers.gpus_per_worker,
+            workers=config.workers.count,
         )
+
+    def plan(self, gpus: float | None = None) -> WorkerPlan:
+        """This worker's memory plan; `gpus` overrides the config's (a worker knows whether
+        it got one)."""
+        gpus = self.gpus_per_worker if gpus is None else gpus
+        available, where = device_memory(gpus, self.workers, self.memory_gb)
+        return plan_worker(
+            self.base_path,
+            self.source_paths,
+            self.routed_paths,
+            self.dtype,
+            self.placement,
+            available,
+            where,
+            gpu=gpus > 0,
+        )
+
+
+class OutOfMemory(RuntimeError):
+    """A build or an evaluation that did not fit: a FAIL trial, never a dead worker."""
 
 
 @dataclass
@@ -99,13 +129,18 @@ class CandidateWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.sources: SourceSet | None = None
         self.model: torch.nn.Module | None = None
+        self.placement = "routed models only"
         if spec.base_path is not None:
+            self.placement = spec.placement
+            if spec.placement == "auto":  # the leanest placement when nothing fits: try anyway
+                self.placement = spec.plan(1 if device == "cuda" else 0).choice or Placement.HOST
             self.sources = SourceSet.load(
                 spec.base_path,
                 spec.source_paths,
                 names=spec.sources,
                 base_name=spec.base,
                 device=device,
+                placement=self.placement,
             )
             self.model = self.sources.new_model(spec.dtype)
             self.tokenizer = self.sources.tokenizer
@@ -130,13 +165,22 @@ class CandidateWorker:
         result = TrialResult(worker=self.name)
         try:
             t0 = time.perf_counter()
-            model = self.candidate(Recipe.from_json(recipe_json))
+            try:
+                model = self.candidate(Recipe.from_json(recipe_json))
+            except Exception as e:
+                if out_of_memory(e):
+                    raise OutOfMemory(
+                        f"out of memory building the candidate ({self.placement} placement): {e}"
+                    ) from e
+                raise
             t1 = time.perf_counter()
-            score = self._evaluators[split].score(model, self.tokenizer)
+            score = self._score(self._evaluators[split], model)
             result.build_seconds = t1 - t0
             result.eval_seconds = time.perf_counter() - t1
-        except Exception as e:  # a bad candidate must not take the worker down
+        except Exception as e:  # a bad candidate, or one too big, must not take the worker down
             result.error = f"{type(e).__name__}: {e}"
+        if result.error is not None:
+            release()
             return result
         result.metrics = dict(score.metrics)
         if not math.isfinite(score.fitness):
@@ -144,6 +188,28 @@ class CandidateWorker:
         else:
             result.fitness = score.fitness
         return result
+
+    def _score(self, evaluator: Evaluator, model: torch.nn.Module):
+        """Score `model`; after an out-of-memory, once more at half the batch."""
+        batch = evaluator.batch_size
+        try:
+            return evaluator.score(model, self.tokenizer)
+        except Exception as e:
+            if not out_of_memory(e) or batch == 1:
+                raise
+        release()
+        evaluator.batch_size = batch // 2
+        try:
+            return evaluator.score(model, self.tokenizer)
+        except Exception as e:
+            if out_of_memory(e):
+                raise OutOfMemory(
+                    f"out of memory evaluating ({self.placement} placement, batch size {batch}, "
+                    f"then {batch // 2}): {e}"
+                ) from e
+            raise
+        finally:
+            evaluator.batch_size = batch
 
     def candidate(self, recipe: Recipe) -> torch.nn.Module:
         """Build `recipe`'s merge in place (once for a route's fixed model A), then its route."""

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from evomerge.cli.app import app, console, fail
+from evomerge.cli.plan import refuse_unfit
 from evomerge.config import ConfigError, StudyConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -120,6 +121,7 @@ def run(
         cfg = StudyConfig.load(config, name=study)
     except ConfigError as e:
         raise fail(str(e), 2) from e
+    refuse_unfit(cfg)
     store = _open_store(_storage_url(storage, cfg))
     _drive(cfg, store, new=True)
     _print_best(store, cfg.name, top=3)

@@ -1,0 +1,162 @@
+"""Memory plans: what a worker's sources, statistics, candidate, build and evaluation take
+in each placement, computed from safetensors headers before any weight is read, against
+what the worker's device has free, and which placement `auto` picks.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from evomerge.fitness import Evaluator
+from evomerge.merge.kernels import CHUNK, GPU_STEPS
+from evomerge.models import DTYPES, Checkpoint
+from evomerge.placement import Placement
+from evomerge.tensor_stats import GRID
+
+MARGIN = 0.9  # plan for at most this share of what the device has free
+EVAL_TOKENS = 256  # tokens per evaluated sequence assumed (proxy prompts are short)
+EVAL_BATCH: int = inspect.signature(Evaluator).parameters["batch_size"].default
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Need:
+    """Bytes one worker's device holds in one placement."""
+
+    sources: int
+    statistics: int
+    candidate: int
+    build: int
+    evaluation: int
+
+    @property
+    def total(self) -> int:
+        return self.sources + self.statistics + self.candidate + self.build + self.evaluation
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker's needs per placement against `available` bytes (None: not known here)."""
+
+    params: int
+    shared: int  # bytes of the mapped files the host placement reads through the page cache
+    needs: dict[Placement, Need]
+    available: int | None
+    where: str  # what `available` measured
+    asked: str  # the study's workers.sources
+
+    def fits(self, placement: Placement) -> bool:
+        return self.available is None or self.needs[placement].total <= MARGIN * self.available
+
+    @property
+    def choice(self) -> Placement | None:
+        """The placement a worker uses (auto: device when it fits); None if it cannot fit."""
+        if self.asked != "auto":
+            return Placement(self.asked) if self.fits(Placement(self.asked)) else None
+        return next((p for p in (Placement.DEVICE, Placement.HOST) if self.fits(p)), None)
+
+    def lines(self) -> list[str]:
+        have = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
+        out = [
+            f"{self.params / 1e9:.2f}B parameters a model; device memory {have} ({self.where}), "
+            f"planned up to {MARGIN:.0%}",
+            f"{'GiB':<10}{'sources':>10}{'stats':>10}{'candidate':>11}{'build':>10}"
+            f"{'eval':>10}{'total':>10}  fits",
+        ]
+        for p, n in self.needs.items():
+            cells = (n.sources, n.statistics, n.candidate, n.build, n.evaluation, n.total)
+            gib = "".join(
+                f"{c / GiB:>{w}.3f}" for c, w in zip(cells, (10, 10, 11, 10, 10, 10), strict=True)
+            )
+            out.append(f"{p.value:<10}{gib}  {'yes' if self.fits(p) else 'NO'}")
+        out.append(
+            f"host placement: {self.shared / GiB:.2f} GiB of checkpoint files in the page "
+            "cache, shared by the workers of a node"
+        )
+        pick = self.choice
+        out.append(
+            f"workers.sources: {self.asked} -> "
+            + (
+                pick.value
+                if pick
+                else "fits no placement (try host, a bfloat16 candidate, fewer sources "
+                "or a larger device)"
+            )
+        )
+        return out
+
+
+def plan_worker(
+    base: str | None,
+    sources: tuple[str, ...],
+    routed: tuple[str, ...],
+    dtype: str,
+    asked: str,
+    available: int | None,
+    where: str,
+    gpu: bool = False,
+) -> WorkerPlan:
+    """The plan of a worker merging `sources` onto `base` and routing `routed` whole models."""
+    merged = [Checkpoint.open(p) for p in ((base, *sources) if base else ())]
+    whole = [Checkpoint.open(p) for p in routed]
+    shapes = (merged or whole)[0].shapes()
+    numels = [torch.Size(s).numel() for s in shapes.values()]
+    params = sum(numels)
+    item = DTYPES[dtype].itemsize
+    candidate = (
+        params * item
+        + sum(sum(torch.Size(s).numel() for s in c.shapes().values()) for c in whole) * item
+    )
+    config = (merged or whole)[0].config
+    evaluation = EVAL_BATCH * EVAL_TOKENS * (12 * config.vocab_size + 16 * config.hidden_size)
+    s = len(sources)
+    if not merged:
+        none = Need(0, 0, candidate, 0, evaluation)
+        return WorkerPlan(
+            params, 0, {Placement.DEVICE: none, Placement.HOST: none}, available, where, asked
+        )
+    files = sum(c.nbytes() for c in merged)
+    statistics = sum(
+        8 * s + 8 * (s + 1) ** 2 + s * (min(GRID, n - 1) + 1) * 20 + s * 4 * (1 << 16)
+        for n in numels
+    )  # L1 norms, Gram matrix, magnitude grid, DARE's L1-by-draw table
+    largest = max(numels)
+    formed = 4 * (s + 1) * largest + 3 * 4 * s * CHUNK * (GPU_STEPS if gpu else 1)
+    staged = 2 * (s + 1) * largest * merged[0].locate(next(iter(shapes)))[3].itemsize
+    needs = {
+        Placement.DEVICE: Need(files, statistics, candidate, formed, evaluation),
+        Placement.HOST: Need(0, statistics, candidate, formed + staged, evaluation),
+    }
+    return WorkerPlan(params, files, needs, available, where, asked)
+
+
+def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[int | None, str]:
+    """Bytes one worker may use on its device, and what that number is."""
+    if memory_gb is not None:
+        return int(memory_gb * GiB), "workers.memory_gb"
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            return None, "no GPU here: set workers.memory_gb to plan for the workers' GPUs"
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    available = psutil.virtual_memory().available
+    return available // workers, f"host memory available, shared by {workers} worker(s)"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Is `e` an allocation failure? torch's CPU allocator raises a plain RuntimeError."""
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+def release() -> None:
+    """Give back what a failed allocation's frames held, so the next trial starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
