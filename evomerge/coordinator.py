@@ -7,9 +7,11 @@ Optuna's tables are the optimizer's memory (CmaEsSampler pickles its state into 
 attributes); evomerge's tables (`storage`) add recipes, metrics, timings and runs.
 
 Write order makes a crash at any point recoverable: a result goes to evomerge's table before
-it is told to Optuna, so a RUNNING Optuna trial whose evomerge row is finished is told on
-resume instead of rerun, and any other RUNNING trial is failed and re-asked with the same
-parameters.
+it is told to Optuna, so a RUNNING Optuna trial whose evomerge row holds a result is told on
+resume instead of rerun, and any other RUNNING trial (recorded by evomerge or not, even one
+asked by another program) is recorded, failed and re-asked once with the same parameters.
+The steps carry `kill_point`s (evomerge.killpoints) so that tests SIGKILL a real
+coordinator at each one.
 """
 
 from __future__ import annotations
@@ -31,14 +33,20 @@ from optuna.trial import FrozenTrial, TrialState
 from transformers import AutoConfig
 
 from evomerge.config import StudyConfig
+from evomerge.killpoints import kill_point
 from evomerge.recipe import layer_group_names
 from evomerge.space import DataFlowSpace, SearchSpace
-from storage import LeaseLostError, Store
+from storage import RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
 
 MAX_WORKER_DEATHS = 3
 GENERATION_ATTR = "cma:generation"
+# User attribute of a trial enqueued to re-ask an abandoned one: its number, so a repair
+# interrupted in its turn never re-asks the same parameters twice.
+RERUN_OF = "evomerge:rerun_of"
+# How the error of an abandoned trial ends: a failure of the run, not of the candidate.
+REASKED = "parameters re-asked"
 log = logging.getLogger(__name__)
 
 
@@ -199,22 +207,11 @@ class Coordinator:
         self._beat.start()
         try:
             self.store.set_study_status(self.config.name, "running")
-            self._recover_orphans()
-            connect(self.config.workers.ray_address)
-            pool = WorkerPool(
-                self.spec,
-                self.config.workers.count,
-                num_gpus=self.config.workers.gpus_per_worker,
-                num_cpus=self.config.workers.cpus_per_worker,
-                depth=self.config.workers.queue,
-                worker_cls=self.worker_cls,
-            )
-            try:
-                status, reason = self._search(pool, run_id, t_start)
-                if status == "finished":
-                    self._rescore_heldout(pool)
-            finally:
-                pool.shutdown()
+            self._recover_orphans(run_id)
+            if self._counts()[0] >= self.config.budget.trials and not self._heldout_pending():
+                status, reason = "finished", "budget reached"  # no worker needed
+            else:
+                status, reason = self._search_with_workers(run_id, t_start)
         except KeyboardInterrupt:
             self._fail_inflight(list(self._trials), "run interrupted by the user")
             status, reason = "stopped", "interrupted by the user"
@@ -241,6 +238,24 @@ class Coordinator:
             time.monotonic() - t_start,
         )
 
+    def _search_with_workers(self, run_id: int, t_start: float) -> tuple[str, str]:
+        connect(self.config.workers.ray_address)
+        pool = WorkerPool(
+            self.spec,
+            self.config.workers.count,
+            num_gpus=self.config.workers.gpus_per_worker,
+            num_cpus=self.config.workers.cpus_per_worker,
+            depth=self.config.workers.queue,
+            worker_cls=self.worker_cls,
+        )
+        try:
+            status, reason = self._search(pool, run_id, t_start)
+            if status == "finished":
+                self._rescore_heldout(pool)
+        finally:
+            pool.shutdown()
+        return status, reason
+
     def _counts(self) -> tuple[int, int, FrozenTrial | None]:
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -248,25 +263,53 @@ class Coordinator:
         best = max(complete, key=lambda t: t.value) if complete else None
         return len(complete), failed, best
 
-    def _recover_orphans(self) -> None:
-        """RUNNING trials left by a dead run: tell stored results, re-ask the rest."""
-        stored = {r.number: r for r in self.store.trials(self.config.name, state="COMPLETE")}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            row = stored.get(t.number)
-            if row is not None and row.fitness is not None:
-                self.study.tell(t.number, row.fitness)
+    def _recover_orphans(self, run_id: int) -> None:
+        """Repair what a dead run left: every RUNNING Optuna trial is told its stored result,
+        or recorded, failed and re-asked once with its parameters.
+
+        Each step is idempotent (the row is upserted, the re-ask is marked with `RERUN_OF`,
+        the tell comes last), so a crash during the repair is repaired by the next resume.
+        """
+        name = self.config.name
+        rows = {r.number: r for r in self.store.trials(name)}
+        trials = self.study.get_trials(deepcopy=False)
+        reasked = {t.user_attrs.get(RERUN_OF) for t in trials}
+        for t in trials:
+            if t.state != TrialState.RUNNING:
                 continue
-            self.study.tell(t.number, state=TrialState.FAIL)
-            self.store.record_trial_finished(
-                self.config.name,
-                t.number,
-                "FAIL",
-                error="run ended before the trial finished; its parameters were re-asked",
-            )
-            self.study.enqueue_trial(t.params, skip_if_exists=False)
+            row = rows.get(t.number)
+            if _holds_result(row):
+                if row.state == "COMPLETE":
+                    self.study.tell(t.number, row.fitness)
+                else:
+                    self.study.tell(t.number, state=TrialState.FAIL)
+                continue
+            trial = optuna.trial.Trial(self.study, t._trial_id)
+            for param, dist in self.space.distributions.items():
+                if param not in t.params:  # asked elsewhere without them: CMA-ES fills them
+                    trial.suggest_float(param, dist.low, dist.high, log=dist.log, step=dist.step)
+            params = trial.params
+            if row is None:
+                generation = self.optuna_storage.get_trial_system_attrs(t._trial_id).get(
+                    GENERATION_ATTR
+                )
+                recipe = self.space.decode(params)
+                self.store.record_trial_started(name, run_id, t.number, generation, recipe)
+            why = "run ended before the trial finished"
+            self._abandon(t.number, params, why, requeue=t.number not in reasked)
+
+    def _abandon(self, number: int, params: dict, why: str, *, requeue: bool = True) -> None:
+        """Fail trial `number` in both stores, its parameters queued for the next ask."""
+        self.store.record_trial_finished(
+            self.config.name, number, "FAIL", error=f"{why}; {REASKED}"
+        )
+        if requeue:
+            self.study.enqueue_trial(params, user_attrs={RERUN_OF: number})
+        self.study.tell(number, state=TrialState.FAIL)
 
     def _ask(self, pool: WorkerPool, run_id: int) -> None:
         trial = self.study.ask(self.space.distributions)
+        kill_point("asked")
         recipe = self.space.decode(trial.params)
         trial_id = self.optuna_storage.get_trial_id_from_study_id_trial_number(
             self._study_id, trial.number
@@ -276,7 +319,9 @@ class Coordinator:
             self.config.name, run_id, trial.number, generation, recipe, worker=None
         )
         self._trials[trial.number] = trial
+        kill_point("recorded")
         pool.submit(trial.number, recipe.to_json())
+        kill_point("submitted")
 
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
         budget = self.config.budget
@@ -290,7 +335,7 @@ class Coordinator:
                 last_poll = time.monotonic()
                 request = self.store.stop_request(name)
                 if request == "cancel":
-                    self._fail_inflight(pool.cancel(), "cancelled; re-asked on resume")
+                    self._fail_inflight(pool.cancel(), "cancelled")
                     self.store.clear_stop_request(name)
                     return "stopped", "cancel requested"
                 if request == "stop" and stopping is None:
@@ -346,6 +391,7 @@ class Coordinator:
         if result is None:
             self._deaths[number] = self._deaths.get(number, 0) + 1
             if self._deaths[number] < MAX_WORKER_DEATHS:
+                self.store.record_attempt(self.config.name, number)
                 pool.submit(number, outcome.recipe_json)  # same parameters, same generation
                 return
             result = TrialResult(error=f"worker died {MAX_WORKER_DEATHS} times on this trial")
@@ -361,6 +407,7 @@ class Coordinator:
             worker=result.worker,
             error=result.error,
         )
+        kill_point("stored")
         trial = self._trials.pop(number)
         if result.error is None:
             self.study.tell(trial, result.fitness)
@@ -369,21 +416,18 @@ class Coordinator:
             self.study.tell(trial, state=TrialState.FAIL)
             self._consecutive_failures += 1
             self._last_error = result.error
+        kill_point("told")
 
-    def _fail_inflight(self, numbers: list, error: str) -> None:
+    def _fail_inflight(self, numbers: list, why: str) -> None:
         """Fail abandoned trials now and queue their parameters for the next run."""
         for number in numbers:
             trial = self._trials.pop(int(number), None)
-            if trial is None:
-                continue
-            self.store.record_trial_finished(self.config.name, trial.number, "FAIL", error=error)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, skip_if_exists=False)
+            if trial is not None:
+                self._abandon(trial.number, trial.params, why)
 
     def _rescore_heldout(self, pool: WorkerPool) -> None:
         """Score the top-k recipes on the held-out split: the search split is overfitted."""
-        k = self.config.budget.heldout_top_k
-        pending = [r for r in self.store.best(self.config.name, top=k) if r.heldout is None]
+        pending = self._heldout_pending()
         while pending or pool.busy:
             while pending and pool.idle:
                 row = pending.pop()
@@ -396,4 +440,19 @@ class Coordinator:
                     self.store.record_heldout(
                         self.config.name, int(outcome.key), result.metrics, result.fitness
                     )
+                    kill_point("heldout-stored")
             self._beat.check()
+
+    def _heldout_pending(self) -> list[TrialRow]:
+        """The top-k trials not yet re-scored on the held-out split."""
+        k = self.config.budget.heldout_top_k
+        return [r for r in self.store.best(self.config.name, top=k) if r.heldout is None]
+
+
+def _holds_result(row: TrialRow | None) -> bool:
+    """Whether an evomerge row holds a finished result (not an interrupted attempt)."""
+    if row is None or row.state == "RUNNING":
+        return False
+    if row.state == "COMPLETE":
+        return row.fitness is not None
+    return not (row.error == RUN_INTERRUPTED or (row.error or "").endswith(REASKED))

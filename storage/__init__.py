@@ -17,9 +17,10 @@ from storage.errors import (
     UnknownTrialError,
 )
 from storage.records import RunInfo, StudyInfo, StudySummary, TrialRow
-from storage.store import Store
+from storage.store import RUN_INTERRUPTED, Store
 
 __all__ = [
+    "RUN_INTERRUPTED",
     "LeaseLostError",
     "RunInfo",
     "SchemaError",

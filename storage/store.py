@@ -7,6 +7,7 @@ transaction, and returns plain dataclasses, never ORM objects, so results can cr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -72,10 +73,23 @@ _RESULT_FIELDS = (
 
 
 _STUDY_FIELDS = frozenset(f.name for f in fields(StudyInfo))
+# The error of a trial whose run died under it; resume fails it in Optuna and re-asks it.
+RUN_INTERRUPTED = "run interrupted (heartbeat lost)"
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -299,8 +313,9 @@ class Store:
     def start_run(self, study: str, pid: int, host: str, stale_after_s: float) -> int:
         """Take the study's lease: a new `running` run, its id returned.
 
-        `StudyBusyError` if another run of the study heartbeat within `stale_after_s`. Older
-        `running` runs are dead: they become `interrupted` ("heartbeat lost") and their
+        `StudyBusyError` if another run of the study heartbeat within `stale_after_s`, unless
+        that run's pid is gone from this very host (a SIGKILL leaves no time to say so).
+        Older `running` runs are dead: they become `interrupted` ("heartbeat lost") and their
         RUNNING trials FAIL. The study becomes `running` and any stop request is cleared.
         Race-safe: the study row is locked (PostgreSQL) or the write lock held (SQLite).
         """
@@ -312,12 +327,13 @@ class Store:
             ).all()
             for run in live:
                 age = (now - run.heartbeat_at).total_seconds()
-                if age < stale_after_s:
+                gone = run.host == host and not _pid_alive(run.pid)
+                if age < stale_after_s and not gone:
                     raise StudyBusyError(
                         f"study {study!r} is already being run by pid {run.pid} on "
-                        f"{run.host} (run {run.id}, last heartbeat {age:.1f} s ago); request "
-                        f"a stop, or if that process is dead, retry once its heartbeat is "
-                        f"{stale_after_s:g} s old"
+                        f"{run.host} (run {run.id}, last heartbeat {age:.1f} s ago); stop it "
+                        f"with `evomerge stop {study}` (or --cancel), or if that process is "
+                        f"dead, retry once its heartbeat is {stale_after_s:g} s old"
                     )
             dead = [run.id for run in live]
             if dead:
@@ -329,7 +345,7 @@ class Store:
                 conn.execute(
                     sa.update(trials)
                     .where(trials.c.run_id.in_(dead), trials.c.state == "RUNNING")
-                    .values(state="FAIL", finished_at=now, error="run interrupted (heartbeat lost)")
+                    .values(state="FAIL", finished_at=now, error=RUN_INTERRUPTED)
                 )
             run_id = conn.execute(
                 sa.insert(runs)
@@ -436,6 +452,12 @@ class Store:
                 },
             ).returning(trials.c.attempts)
             return conn.execute(upsert).scalar_one()
+
+    def record_attempt(self, study: str, optuna_number: int) -> None:
+        """Trial `optuna_number` runs again (its worker died): one more attempt, no result."""
+        values: dict[str, Any] = dict.fromkeys(_RESULT_FIELDS)
+        values |= {"state": "RUNNING", "attempts": trials.c.attempts + 1, "started_at": _now()}
+        self._update_trial(study, optuna_number, values)
 
     def record_trial_finished(
         self,

@@ -6,7 +6,9 @@ import json
 import math
 import multiprocessing
 import os
+import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -442,6 +444,28 @@ def test_run_lease(store: Store) -> None:
         store.end_run(third, "running")
     with pytest.raises(UnknownStudyError):
         store.start_run("zz", 1, "h", stale_after_s=60)
+
+
+def test_a_run_whose_process_is_gone_from_this_host_is_taken_over_at_once(store: Store) -> None:
+    add_study(store)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid no longer exists
+    dead = store.start_run("s", gone.pid, socket.gethostname(), stale_after_s=60)
+    with pytest.raises(StudyBusyError, match="evomerge stop s"):
+        store.start_run("s", 2, socket.gethostname() + "-elsewhere", stale_after_s=60)
+    live = store.start_run("s", os.getpid(), socket.gethostname(), stale_after_s=60)
+    assert [(r.id, r.status) for r in store.runs("s")] == [(dead, "interrupted"), (live, "running")]
+    with pytest.raises(StudyBusyError):  # this process is alive: its run is not taken over
+        store.start_run("s", 3, socket.gethostname(), stale_after_s=60)
+
+
+def test_a_rerun_counts_as_an_attempt(store: Store) -> None:
+    add_study(store)
+    run_id = store.start_run("s", 1, "h", stale_after_s=60)
+    store.record_trial_started("s", run_id, 0, 0, recipe(), "w0")
+    store.record_attempt("s", 0)
+    row = store.trial("s", 0)
+    assert (row.state, row.attempts, row.generation) == ("RUNNING", 2, 0)
 
 
 def _race_for_lease(url: str, barrier: Any, out: Any) -> None:

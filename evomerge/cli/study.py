@@ -13,6 +13,7 @@ from rich.table import Table
 from evomerge.cli.app import app, console, fail
 from evomerge.cli.plan import refuse_unfit
 from evomerge.config import ConfigError, StudyConfig
+from evomerge.killpoints import kill_point
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -90,6 +91,7 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
     if summary.status == "failed":
         raise fail(f"study {summary.study!r} failed: {summary.reason}", 1)
     if summary.status == "finished" and config.next_stage:
+        kill_point("stage-1-finished")
         _drive_dataflow_stage(config, store)
 
 
