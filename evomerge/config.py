@@ -21,6 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+# The largest count the store's integer columns (and Ray's and Optuna's counters) hold.
+MAX_COUNT = 2**31 - 1
+
 
 class ConfigError(ValueError):
     """A study config that cannot be used; the message names the file and field."""
@@ -55,8 +58,10 @@ class TaskRef(_Frozen):
 
 class FitnessConfig(_Frozen):
     tasks: tuple[TaskRef, ...] = Field(min_length=1)
-    limit: int | None = Field(None, gt=0, description="examples per task on the search split")
-    heldout_limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="examples per task on the search split"
+    )
+    heldout_limit: int | None = Field(None, gt=0, le=MAX_COUNT)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -70,21 +75,25 @@ class FitnessConfig(_Frozen):
 class OptimizerConfig(_Frozen):
     """CMA-ES settings; the defaults are the paper's (Akiba et al. 2024)."""
 
-    seed: int = 0
-    population: int | None = Field(None, ge=2, description="default 4 + floor(3 ln n)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="CMA-ES's random seed")
+    population: int | None = Field(
+        None, ge=2, le=MAX_COUNT, description="default 4 + floor(3 ln n)"
+    )
     sigma0: float | None = Field(None, gt=0, description="default 1/6 of each range")
 
 
 class BudgetConfig(_Frozen):
-    trials: int = Field(100, gt=0, description="COMPLETE trials to reach")
+    trials: int = Field(100, gt=0, le=MAX_COUNT, description="COMPLETE trials to reach")
     wall_time_s: float | None = Field(None, gt=0)
     target_fitness: float | None = None
-    heldout_top_k: int = Field(3, ge=0, description="best recipes re-scored on held-out data")
-    max_consecutive_failures: int = Field(20, gt=0)
+    heldout_top_k: int = Field(
+        3, ge=0, le=MAX_COUNT, description="best recipes re-scored on held-out data"
+    )
+    max_consecutive_failures: int = Field(20, gt=0, le=MAX_COUNT)
 
 
 class WorkersConfig(_Frozen):
-    count: int = Field(1, gt=0)
+    count: int = Field(1, gt=0, le=MAX_COUNT)
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     torch_threads: int | None = Field(None, gt=0)
@@ -141,7 +150,9 @@ class DataFlowConfig(_Frozen):
         "per (model, model) hop kind; hop: one per indicator position",
     )
     scale: Bounds = Bounds(low=0.0, high=2.0, init=1.0)
-    trials: int | None = Field(None, gt=0, description="stage 2's budget (default: budget's)")
+    trials: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="stage 2's budget (default: budget's)"
+    )
     merge: str | None = Field(None, description="set by evomerge: stage 1's best recipe (JSON)")
 
 
@@ -288,7 +299,11 @@ class StudyConfig(_Frozen):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        cfg = cls.from_yaml(p.read_text(), source=str(p), **overrides)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+        cfg = cls.from_yaml(text, source=str(p), **overrides)
 
         def anchored(ref: str | None) -> str | None:
             if ref is None or ref.startswith("zoo:") or Path(ref).is_absolute():

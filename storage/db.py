@@ -50,6 +50,14 @@ def parse_url(url: str | URL) -> URL:
         ) from e
 
 
+def masked(url: str | URL) -> str:
+    """`url` with its password hidden: the only form of a URL a message may show."""
+    try:
+        return parse_url(url).render_as_string(hide_password=True)
+    except StorageUnavailableError:
+        return "<unparsable storage URL>"
+
+
 def make_engine(url: str | URL, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Engine:
     """An engine for `url` with evomerge's locking behaviour; connects lazily."""
     parsed = parse_url(url)

@@ -37,6 +37,8 @@ def test_snapshot_round_trips():
         ("granularity: 0", "granularity"),
         ("search: {weight: {low: 1, high: 0}}", "search.weight"),
         ("budget: {trials: -3}", "budget.trials"),
+        ("budget: {trials: 1e29}", "budget.trials"),
+        ("optimizer: {seed: -1}", "optimizer.seed"),
         ("workers: {count: two}", "workers.count"),
         ("sources: [zoo:a, zoo:a]", "sources repeat"),
         ("colour: blue", "colour"),
@@ -55,6 +57,10 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         StudyConfig.from_yaml("name: [unclosed")
     with pytest.raises(ConfigError, match="not found"):
         StudyConfig.load(tmp_path / "nope.yaml")
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes((MINIMAL + "# café\n").encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        StudyConfig.load(latin)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

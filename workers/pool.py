@@ -8,11 +8,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 
 log = logging.getLogger(__name__)
+# How long the workers may take to start (loading sources included) before the study fails.
+START_TIMEOUT_S = 600
 
 
 class WorkerStartError(RuntimeError):
@@ -83,10 +85,16 @@ class WorkerPool:
         self._recovering: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}  # ping -> dead actor
         self._backlog: deque[tuple[Hashable, str, str]] = deque()
         try:
-            self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=600)
+            self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         except (RayActorError, RayTaskError) as e:
             self.shutdown()
             raise WorkerStartError(f"workers failed to start: {e}") from e
+        except GetTimeoutError as e:
+            self.shutdown()
+            raise WorkerStartError(
+                f"{count} workers ({num_cpus:g} CPUs, {num_gpus:g} GPUs each) did not start in "
+                f"{START_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}"
+            ) from e
 
     @property
     def idle(self) -> int:

@@ -32,13 +32,24 @@ def _storage_url(option: str | None, config: StudyConfig | None = None) -> str:
 
 def _open_store(url: str):
     from storage import Store
+    from storage.db import masked
 
     try:
         store = Store(url)
         store.migrate()
     except Exception as e:
-        raise fail(f"cannot open storage {url}: {e}", 2) from e
+        raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
     return store
+
+
+def _preflight(config: StudyConfig, url: str) -> None:
+    """Exit 2 naming every problem pre-flight finds, before anything is written."""
+    from evomerge.preflight import problems
+
+    found = problems(config, url)
+    if found:
+        lines = "\n".join(f"  {p}" for p in found)
+        raise fail(f"study {config.name!r} cannot start:\n{lines}", 2)
 
 
 def _drive(config: StudyConfig, store, *, new: bool) -> None:
@@ -123,8 +134,10 @@ def run(
         cfg = StudyConfig.load(config, name=study)
     except ConfigError as e:
         raise fail(str(e), 2) from e
+    url = _storage_url(storage, cfg)
+    _preflight(cfg, url)
     refuse_unfit(cfg)
-    store = _open_store(_storage_url(storage, cfg))
+    store = _open_store(url)
     _drive(cfg, store, new=True)
     _print_best(store, cfg.name, top=3)
 
@@ -132,13 +145,31 @@ def run(
 @app.command()
 def resume(study: str, storage: StorageOpt = None) -> None:
     """Continue an interrupted or stopped study from its database state."""
-    store = _open_store(_storage_url(storage))
+    url = _storage_url(storage)
+    store = _open_store(url)
     row = store.get_study(study, missing_ok=True)
     if row is None:
         raise fail(f"no study named {study!r} in {store.url}", 2)
     cfg = StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r}")
+    _preflight(cfg, url)
     _drive(cfg, store, new=False)
     _print_best(store, study, top=3)
+
+
+@app.command()
+def stop(
+    study: str,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="abandon running trials now (re-asked on resume)")
+    ] = False,
+    storage: StorageOpt = None,
+) -> None:
+    """Ask a study's live run to stop: running trials finish first, unless --cancel."""
+    store = _open_store(_storage_url(storage))
+    if store.get_study(study, missing_ok=True) is None:
+        raise fail(f"no study named {study!r} in {store.url}", 2)
+    store.request_stop(study, "cancel" if cancel else "stop")
+    console.print(f"{'cancel' if cancel else 'stop'} requested for study {study}")
 
 
 @app.command()
