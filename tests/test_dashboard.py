@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from evomerge.cli import app as cli
 from evomerge.dashboard import create_app
 from evomerge.dashboard.charts import best_so_far, nice_ticks, thin
+from evomerge.dashboard.configform import MAX_ERRORS
 from evomerge.dashboard.guard import COOKIE
 from evomerge.dashboard.sample import NUM_LAYERS, SOURCES, config_yaml, fill_study
 from evomerge.recipe import Recipe, layer_group_names
@@ -374,19 +376,79 @@ def test_yaml_is_parsed_safely(client: TestClient, tmp_path: Path) -> None:
 
 
 def test_new_study_starts_the_coordinator_process(
-    client: TestClient, dirs: dict[str, Path]
+    client: TestClient, dirs: dict[str, Path], filled: str, zoo_dir: Path
 ) -> None:
-    model = dirs["models"] / "missing-model"
-    text = config_yaml("started", base=str(model))
+    text = config_yaml("started", zoo="test", trials=2, workers=1)
     r = client.post("/new", data={"yaml": text, "name": "started"})
     assert r.status_code == 303, r.text
     assert r.headers["location"] == "/studies/started?note=started"
     folder = dirs["runs"] / "started"
     snapshot = next(folder.glob("*-config.yaml"))
     assert yaml.safe_load(snapshot.read_text())["name"] == "started"
-    wait_for_log(list(folder.glob("*-run.log")), "missing-model")
-    page = client.get("/studies/started")  # no study recorded: the log explains why
-    assert page.status_code == 200 and "missing-model" in page.text
+    with Store(filled) as store:  # the real `evomerge run` registers it, then is cancelled
+        wait_for(lambda: bool(store.get_study("started", missing_ok=True)), folder.iterdir)
+        store.request_stop("started", "cancel")
+        wait_for(lambda: store.get_study("started").status != "running", folder.iterdir)
+    assert client.get("/studies/started").status_code == 200
+
+
+def test_new_study_runs_the_same_preflight_as_the_cli(
+    client: TestClient, dirs: dict[str, Path], zoo_dir: Path
+) -> None:
+    """A broken model folder under the roots is refused at its field; nothing starts."""
+    broken = dirs["models"] / "add"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"")
+    text = config_yaml("broken", zoo="test", sources=(str(broken), "zoo:reverse"))
+    r = client.post("/new", data={"yaml": text})
+    assert r.status_code == 422
+    assert set(re.findall(r'data-field="([^"]+)"', r.text)) == {"sources.0"}
+    assert not list(dirs["runs"].iterdir())
+
+
+def test_new_study_judges_paths_and_ray_as_the_run_would(client: TestClient) -> None:
+    relative = config_yaml("rel", zoo="test", base="models/base")
+    r = client.post("/new", data={"yaml": relative})
+    assert r.status_code == 422 and "relative" in r.text
+    assert set(re.findall(r'data-field="([^"]+)"', r.text)) == {"base"}
+    elsewhere = config_yaml("ray", zoo="test").replace(
+        "workers: {count: 2}", "workers: {count: 2, ray_address: '10.1.2.3:6379'}"
+    )
+    r = client.post("/new", data={"yaml": elsewhere})
+    assert r.status_code == 422
+    assert set(re.findall(r'data-field="([^"]+)"', r.text)) == {"workers.ray_address"}
+
+
+def test_thousands_of_invalid_items_are_reported_briefly_off_the_event_loop(
+    client: TestClient,
+) -> None:
+    bad = "".join(f"  p{i}: {{low: 1, high: 0}}\n" for i in range(4000))
+    text = config_yaml("many").replace("search:\n", "search:\n" + bad, 1)
+    answers: dict[str, float] = {}
+
+    def post() -> None:
+        start = time.monotonic()
+        answers["status"] = client.post("/new", data={"yaml": text}).status_code
+        answers["post_s"] = time.monotonic() - start
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    start = time.monotonic()
+    assert client.get("/static/style.css").status_code == 200
+    answers["get_s"] = time.monotonic() - start
+    poster.join(timeout=120)
+    assert answers["status"] == 422 and answers["post_s"] < 60, answers
+    assert answers["get_s"] < 10, answers
+    r = client.post("/new", data={"yaml": text})
+    assert len(re.findall(r'<li class="field-error"', r.text)) == MAX_ERRORS + 1
+    assert "more errors not shown" in r.text
+
+
+def test_pages_cannot_be_framed(client: TestClient) -> None:
+    for r in (client.get("/"), client.get("/", headers={"Host": "evil.example"})):
+        assert r.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
 
 
 @pytest.mark.slow

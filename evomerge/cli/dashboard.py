@@ -45,11 +45,20 @@ def dashboard(
     configs_dir: Annotated[
         Path, typer.Option("--configs-dir", help="configs offered on the New-study page")
     ] = CONFIGS_DIR,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            envvar="RAY_ADDRESS",
+            help="the Ray cluster studies started here may name in workers.ray_address",
+        ),
+    ] = None,
 ) -> None:
     """Serve the web dashboard: watch, start, stop, resume, query and export studies."""
     import uvicorn
 
     from evomerge.dashboard import create_app
+    from storage.db import masked
 
     if not is_loopback(host) and not token:
         raise fail(f"binding {host} needs a token: pass --token or set EVOMERGE_TOKEN", 2)
@@ -61,9 +70,10 @@ def dashboard(
             model_roots=tuple(model_root or ()),
             export_dir=export_dir,
             configs_dir=configs_dir,
+            ray_address=ray_address,
         )
     except Exception as e:
-        raise fail(f"cannot open storage {url}: {e}", 2) from e
+        raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
     shown = f"http://{host}:{port}/" + ("?token=…" if token else "")
-    console.print(f"evomerge dashboard on [bold]{shown}[/] (storage {url})")
+    console.print(f"evomerge dashboard on [bold]{shown}[/] (storage {masked(url)})")
     uvicorn.run(web, host=host, port=port, log_level="warning")

@@ -34,6 +34,7 @@ def create_app(
     configs_dir: Path = CONFIGS_DIR,
     run_dir: Path | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    ray_address: str | None = None,
 ) -> FastAPI:
     """The dashboard on `storage_url`.
 
@@ -41,6 +42,7 @@ def create_app(
     `model_roots`: folders a study started here may take models and task files from.
     `export_dir`: where checkpoints are exported. `configs_dir`: the configs offered on the
     New-study page. `run_dir`: logs and config snapshots of the commands started here.
+    `ray_address`: the Ray cluster a study started here may name in `workers.ray_address`.
     """
     store = Store(storage_url)
     store.migrate()
@@ -57,6 +59,7 @@ def create_app(
         configs_dir=Path(configs_dir).resolve(),
         # A `running` study whose run has been silent this long is shown as interrupted.
         stale_after_s=HeartbeatConfig().stale_after_s,
+        ray_address=ray_address,
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     for module in (studies, trials, best):

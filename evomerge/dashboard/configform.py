@@ -1,8 +1,11 @@
 """The New-study form: a pasted YAML config checked into errors that point at their field.
 
-`StudyConfig.from_yaml` is the one validator; its `ConfigError` keeps the pydantic or YAML
-error as its cause, which gives each problem a field path, and the composed YAML node tree
-turns that path into the line to show it at.
+`StudyConfig.from_yaml` is the one validator, then the dashboard's own limits (model roots,
+the Ray cluster it was started with), then the same pre-flight as `evomerge run`. A
+`ConfigError` keeps the pydantic or YAML error as its cause, which gives each problem a field
+path, and the YAML node tree, composed once, turns that path into the line to show it at.
+At most `MAX_ERRORS` are reported: a config of thousands of bad items costs one parse.
+These checks read files and may wait on Ray: routes run them off the event loop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from evomerge.recipe import layer_group_names
 
 # "search.weight: message": a SearchSpace error that starts with the field it is about.
 FIELD_PREFIX = re.compile(r"^([\w./]+): (.*)$", re.S)
+MAX_ERRORS = 50
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,16 @@ class FieldError:
     line: int | None  # 1-based line of the YAML text, when the field is in it
 
 
-def field_line(text: str, path: Sequence[str | int]) -> int | None:
-    """Line of the deepest node of `path` present in the YAML `text` (1-based)."""
+def compose(text: str) -> yaml.Node | None:
+    """The YAML node tree of `text` (None when it does not parse)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return None
+
+
+def field_line(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
+    """Line of the deepest node of `path` present in the YAML tree `node` (1-based)."""
     line = None
     for key in path:
         if isinstance(node, yaml.MappingNode):
@@ -56,23 +64,30 @@ def field_line(text: str, path: Sequence[str | int]) -> int | None:
 def _errors(text: str, error: ConfigError) -> list[FieldError]:
     cause = error.__cause__
     if isinstance(cause, ValidationError):
-        return [
+        root = compose(text)
+        errors = [
             FieldError(
                 ".".join(str(p) for p in e["loc"]) or "(top level)",
                 e["msg"],
-                field_line(text, e["loc"]),
+                field_line(root, e["loc"]),
             )
-            for e in cause.errors()
+            for e in cause.errors()[:MAX_ERRORS]
         ]
+        if cause.error_count() > MAX_ERRORS:
+            more = f"{cause.error_count() - MAX_ERRORS} more errors not shown"
+            errors.append(FieldError("(top level)", more, None))
+        return errors
     if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
         return [FieldError("(yaml)", str(cause.problem), cause.problem_mark.line + 1)]
     return [FieldError("(top level)", str(error).split(": ", 1)[-1], None)]
 
 
 def check_config(
-    text: str, name: str, model_roots: tuple[Path, ...]
+    text: str, name: str, model_roots: tuple[Path, ...], ray_address: str | None = None
 ) -> tuple[StudyConfig | None, list[FieldError]]:
-    """The validated config (study name `name` when given), or the errors at their fields."""
+    """The validated config (study name `name` when given), or the errors at their fields.
+
+    `ray_address`: the one cluster a study started here may join (besides the default)."""
     try:
         config = StudyConfig.from_yaml(text, source="config", name=name.strip() or None)
     except ConfigError as e:
@@ -80,12 +95,25 @@ def check_config(
     refused = refused_refs(config, model_roots)
     if not NAME.fullmatch(config.name):
         refused["name"] = "a study started here needs a name that starts with a letter or digit"
+    if config.workers.ray_address not in (None, "auto", ray_address):
+        refused["workers.ray_address"] = (
+            f"this dashboard starts studies on {ray_address or 'the default Ray cluster'} only"
+        )
     refused |= _space_errors(config)
-    errors = [
-        FieldError(field, reason, field_line(text, _path(field)))
-        for field, reason in refused.items()
-    ]
+    errors = _at_lines(text, refused)
     return (None, errors) if errors else (config, [])
+
+
+def preflight_errors(config: StudyConfig, text: str, storage_url: str) -> list[FieldError]:
+    """What `evomerge run` would refuse before writing anything, at its fields."""
+    from evomerge.preflight import problems
+
+    return _at_lines(text, {p.field: p.message for p in problems(config, storage_url)})
+
+
+def _at_lines(text: str, reasons: dict[str, str]) -> list[FieldError]:
+    root = compose(text) if reasons else None
+    return [FieldError(f, reason, field_line(root, _path(f))) for f, reason in reasons.items()]
 
 
 def _space_errors(config: StudyConfig) -> dict[str, str]:

@@ -31,6 +31,7 @@ class Context:
     export_dir: Path
     configs_dir: Path
     stale_after_s: float
+    ray_address: str | None  # the one Ray cluster a study started here may name
 
     def render(
         self, request: Request, template: str, status_code: int = 200, /, **values: Any

@@ -9,6 +9,8 @@
   the dashboard through DNS rebinding.
 - Origin: a form post from another site is refused (the cookie is SameSite; this covers
   the token-less loopback dashboard too).
+- Frames: every response forbids being framed (X-Frame-Options and CSP frame-ancestors), so
+  a page on another port or site cannot overlay the dashboard and steer a click to Cancel.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 COOKIE = "evomerge_token"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+NO_FRAMES = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+]
 
 
 class BodyTooLarge(Exception):
@@ -42,6 +48,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = _unframeable(send)
         headers = Headers(scope=scope)
         refusal = self._refusal(scope, headers)
         if refusal is not None:
@@ -110,6 +117,17 @@ class Guard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _unframeable(send: Send) -> Send:
+    """A `send` that adds the no-frames headers to the response's start."""
+
+    async def send_unframeable(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *NO_FRAMES]}
+        await send(message)
+
+    return send_unframeable
 
 
 def _too_large(limit: int) -> Response:

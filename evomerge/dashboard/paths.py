@@ -42,8 +42,9 @@ def under(path: Path, roots: Iterable[Path]) -> bool:
 def refused_refs(config: StudyConfig, roots: tuple[Path, ...]) -> dict[str, str]:
     """Field -> reason for each model or task reference outside the allowed roots.
 
-    `zoo:NAME` refs are allowed when NAME is a plain name; anything else must be a path
-    under one of `roots` (relative paths count from the dashboard's working directory).
+    `zoo:NAME` refs are allowed when NAME is a plain name; anything else must be an
+    absolute path under one of `roots`: the run resolves a relative path against its own
+    config snapshot's folder, so the dashboard could not judge it as the run would.
     """
     refs = {"base": config.base, "dataflow.b": config.dataflow.b if config.dataflow else None}
     refs = {field: ref for field, ref in refs.items() if ref is not None}
@@ -55,6 +56,8 @@ def refused_refs(config: StudyConfig, roots: tuple[Path, ...]) -> dict[str, str]
         if ref.startswith(ZOO_PREFIX):
             if not NAME.fullmatch(ref[len(ZOO_PREFIX) :]):
                 out[field] = f"{ref!r}: a zoo ref is zoo:NAME with a plain NAME"
+        elif not Path(ref).is_absolute():
+            out[field] = f"{ref!r} is relative: give the absolute path (under {allowed})"
         elif not under(Path(ref), roots):
             out[field] = f"{ref!r} is outside the allowed model roots ({allowed})"
     return out

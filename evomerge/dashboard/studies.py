@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from evomerge.config import ConfigError, StudyConfig
-from evomerge.dashboard.configform import FieldError, check_config
+from evomerge.dashboard.configform import FieldError, check_config, preflight_errors
 from evomerge.dashboard.context import Context, context, read_form, study_url
 from evomerge.dashboard.launch import tail
 from evomerge.dashboard.paths import child
@@ -57,9 +58,14 @@ def new_form(request: Request, ctx: Ctx, config: str | None = None) -> Response:
 async def new_submit(request: Request, ctx: Ctx) -> Response:
     form = await read_form(request)
     text, name = form.get("yaml", ""), form.get("name", "")
-    config, errors = check_config(text, name, ctx.model_roots)
+    # Parsing, reading model files and asking Ray take time: never on the event loop.
+    config, errors = await run_in_threadpool(
+        check_config, text, name, ctx.model_roots, ctx.ray_address
+    )
     if config is not None and ctx.store.get_study(config.name, missing_ok=True) is not None:
         errors = [FieldError("name", f"a study named {config.name!r} exists; pick another", None)]
+    if config is not None and not errors:
+        errors = await run_in_threadpool(preflight_errors, config, text, ctx.launcher.storage_url)
     if config is None or errors:
         return ctx.render(
             request,
