@@ -119,10 +119,12 @@ def test_models_that_cannot_be_routed_are_refused_before_anything_is_written(
     from evomerge.cli import app
 
     cfg = tmp_path / "bad.yaml"
-    text = DFS.format(name="narrow", trials=2).replace("zoo:reverse", str(tiny_llama.base))
+    text = DFS.format(name="narrow", trials=2).replace(
+        "[zoo:add, zoo:reverse]", f"[zoo:add, {tiny_llama.base}]", 1
+    )
     cfg.write_text(text)
     url = f"sqlite:///{tmp_path / 'refused.db'}"
     result = CliRunner().invoke(app, ["run", str(cfg), "--storage", url])
     assert result.exit_code == 2, result.output
     assert "hidden size 64 (A) and 32 (B" in " ".join(result.output.split())
-    assert Store(url).get_study("narrow", missing_ok=True) is None
+    assert not (tmp_path / "refused.db").exists()  # pre-flight: not even a table written
