@@ -59,7 +59,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         StudyConfig.load(tmp_path / "nope.yaml")
     latin = tmp_path / "latin1.yaml"
     latin.write_bytes((MINIMAL + "# café\n").encode("latin-1"))
-    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text"):
         StudyConfig.load(latin)
 
 

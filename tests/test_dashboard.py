@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -555,6 +560,29 @@ def test_export_folder_cannot_escape(
     assert r.status_code == 400
     assert not list(dirs["runs"].rglob("*.log"))
     assert not (dirs["exports"].parent / "escape").exists()
+
+
+@pytest.mark.postgres
+def test_the_start_up_line_hides_the_storage_password(pg_url: str) -> None:
+    """PostgreSQL here trusts any password: the real dashboard starts, and must not print it."""
+    url = sa.make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "dashboard", "--port", str(port), "--storage", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "evomerge dashboard on" in line and "***" in line, line
+    assert "s3cret-pw" not in line
 
 
 def test_cli_refuses_a_public_bind_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
