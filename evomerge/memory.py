@@ -15,7 +15,7 @@ import torch
 from evomerge.fitness import Evaluator
 from evomerge.merge.kernels import CHUNK, GPU_STEPS
 from evomerge.models import DTYPES, Checkpoint
-from evomerge.placement import Placement
+from evomerge.placement import Placement, release_heap
 from evomerge.tensor_stats import GRID
 
 MARGIN = 0.9  # plan for at most this share of what the device has free
@@ -158,5 +158,6 @@ def out_of_memory(e: BaseException) -> bool:
 def release() -> None:
     """Give back what a failed allocation's frames held, so the next trial starts clean."""
     gc.collect()
+    release_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

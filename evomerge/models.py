@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.initialization import no_init_weights
 
 from evomerge import stats_cache
-from evomerge.placement import Placement, Weights, open_weights
+from evomerge.placement import Placement, Weights, open_weights, release_heap
 from evomerge.recipe import EMBED, LM_HEAD, NORM, layer_group_names
 from evomerge.tensor_stats import MagnitudeGrid, TensorStats
 
@@ -374,9 +374,10 @@ class SourceSet:
         files = [sorted(set(ck.files.values())) for ck in models]
         key = stats_cache.content_key(files, store, device)
         stats = stats_cache.load(key, tensors, device)
-        if stats is None:
-            stats = _statistics(tensors, weights, (base_name, *names), store)
-            stats_cache.save(key, stats)
+        if stats is None:  # then use the saved file, as the next worker will: mapped, shared
+            stats_cache.save(key, _statistics(tensors, weights, (base_name, *names), store))
+            release_heap()  # the statistics pass's float32 temporaries
+            stats = stats_cache.load(key, tensors, device)
         shapes = base_ckpt.shapes()
         entries = tuple(
             TensorEntry(name, torch.Size(shapes[name]), part, stats[name]) for name, part in order
@@ -419,6 +420,7 @@ class SourceSet:
         with torch.no_grad():
             for entry, tensors in zip(self.entries, raw, strict=True):
                 params[entry.name].copy_(_base(tensors[0], self.store).view(entry.shape))
+        release_heap()  # the float32 copies of the base
         return model.eval().requires_grad_(False)
 
 

@@ -9,6 +9,8 @@ build forms each tensor's float32 task vectors only while it merges that tensor.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import warnings
 from collections.abc import Iterator, Sequence
@@ -108,6 +110,32 @@ def _view(buf: mmap.mmap, start: int, stop: int, dtype: torch.dtype) -> torch.Te
         return torch.frombuffer(buf, dtype=torch.uint8, count=stop - start, offset=start).view(
             dtype
         )
+
+
+def _libc_trim():
+    """glibc's `malloc_trim`, or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_heap() -> None:
+    """Give the pages of freed temporaries back to the operating system.
+
+    glibc serves an allocation above its mmap threshold with its own mapping and unmaps it on
+    free, but each such free raises the threshold (up to 32 MiB), so the next tensors of a
+    build or a statistics pass come from the heap, and glibc keeps freed heap pages: after a
+    few builds a worker held 1-2 bytes a parameter of dead float32 temporaries. A build and a
+    load end here, so a worker's memory between trials is what it keeps, not what it used.
+    `malloc_trim(0)` releases every free page of every arena (a few ms); a fixed
+    M_MMAP_THRESHOLD would instead unmap every chunk buffer of the fused passes, each time.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def open_weights(

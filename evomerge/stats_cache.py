@@ -62,7 +62,10 @@ def _spans(header: bytes) -> list[tuple[int, int]]:
 
 
 def load(key: str, names: Sequence[str], device: torch.device) -> dict[str, TensorStats] | None:
-    """The cached statistics of tensors `names`, or None when there are none for `key`."""
+    """The cached statistics of tensors `names`, or None when there are none for `key`.
+
+    On the CPU they stay mapped from the file: page cache, shared by the workers of a node.
+    """
     path = cache_dir() / f"{key}.safetensors"
     if not path.is_file():
         return None

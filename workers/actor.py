@@ -23,7 +23,7 @@ from evomerge.fitness import Evaluator
 from evomerge.memory import WorkerPlan, device_memory, out_of_memory, plan_worker, release
 from evomerge.merge import build
 from evomerge.models import SourceSet, load_model
-from evomerge.placement import Placement
+from evomerge.placement import Placement, release_heap
 from evomerge.recipe import DATAFLOW, Recipe
 from evomerge.zoo import default_zoo_dir
 
@@ -182,6 +182,7 @@ class CandidateWorker:
         if result.error is not None:
             release()
             return result
+        release_heap()  # the evaluation's activations: a worker keeps only what it holds
         result.metrics = dict(score.metrics)
         if not math.isfinite(score.fitness):
             result.error = f"non-finite fitness {score.fitness} (metrics {score.metrics})"

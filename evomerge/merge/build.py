@@ -14,6 +14,7 @@ import torch
 from evomerge.merge.methods import get_method
 from evomerge.merge.spec import BasePolicy, MergeMethod, TensorJob
 from evomerge.models import DTYPES, SourceSet, TensorSlot
+from evomerge.placement import release_heap
 from evomerge.recipe import EMBED, LM_HEAD, NORM, Recipe
 
 _LAYERS = re.compile(r"layers\.(\d+)(?:-(\d+))?")
@@ -190,3 +191,4 @@ def build(recipe: Recipe, sources: SourceSet, into: torch.nn.Module) -> None:
     with torch.no_grad():
         for slot, out in zip(sources.slots, targets, strict=True):
             plan.method.merge(plan.job(slot, out))
+    release_heap()  # the per-tensor float32 temporaries are dead: return their pages
