@@ -173,8 +173,21 @@ def test_cached_zoo_is_reused_and_versioned(zoo_dir: Path, monkeypatch) -> None:
     assert default_zoo_dir("test") != zoo_dir
 
 
+def test_zoo_cache_key_holds_what_changes_the_weights(zoo_dir: Path, monkeypatch) -> None:
+    """Another seed or another torch/transformers trains other weights: another folder."""
+    import transformers
+
+    assert default_zoo_dir("test", seed=1) != zoo_dir
+    assert zoo_build.recipe_of("test", seed=1).seed == 1
+    for module in (torch, transformers):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "__version__", module.__version__ + ".other")
+            assert default_zoo_dir("test") != zoo_dir, module.__name__
+    assert default_zoo_dir("test") == zoo_dir
+
+
 def test_interrupted_build_leaves_no_zoo(tmp_path: Path, monkeypatch) -> None:
-    def crash(size, tmp, final, progress):
+    def crash(size, seed, tmp, final, progress):
         (tmp / "base").mkdir()
         (tmp / "zoo.json").write_text("{}")
         raise KeyboardInterrupt

@@ -42,12 +42,13 @@ def build(
     ] = "demo",
     out: Annotated[Path | None, typer.Option("--out", help="default: the user cache")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no training progress")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="another draw of the same recipe")] = 0,
 ) -> None:
     """Train the toy zoo (cached; rebuilt only when missing or its recipe changed)."""
     from evomerge.zoo import build_zoo, read_manifest
 
     try:
-        root = build_zoo(size, out, progress=not quiet)
+        root = build_zoo(size, out, progress=not quiet, seed=seed)
     except FileExistsError as e:
         raise fail(str(e), 2) from e
     console.print(zoo_table(read_manifest(root)))

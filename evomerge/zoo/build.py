@@ -59,6 +59,7 @@ class ZooRecipe:
     replay: float
     search_rows: int
     held_out_rows: int
+    seed: int = 0  # offsets every job's seed: the same recipe, another draw of the zoo
 
 
 RECIPES: dict[str, ZooRecipe] = {
@@ -76,12 +77,12 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
         recipe.base_steps,
         recipe.base_lr,
         broad,
-        seed=0,
+        seed=recipe.seed,
         warmup=100,
         weight_decay=0.1,
         shape=recipe.shape,
     )
-    stranger = replace(base, name="stranger", steps=recipe.stranger_steps, seed=1)
+    stranger = replace(base, name="stranger", steps=recipe.stranger_steps, seed=recipe.seed + 1)
     total = sum(broad.values())
     experts = []
     for i, skill in enumerate(SKILLS):
@@ -93,7 +94,7 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
                 recipe.expert_steps,
                 recipe.expert_lr,
                 mix,
-                seed=100 + i,
+                seed=recipe.seed + 100 + i,
                 full=(skill,),
                 warmup=30,
                 shape=recipe.shape,
@@ -102,16 +103,29 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
     return base, stranger, experts
 
 
-def version(size: Size) -> str:
-    """A hash of the zoo recipe: a new recipe gets a new cache folder."""
-    text = json.dumps([ZOO_FORMAT, asdict(RECIPES[size])], sort_keys=True)
+def recipe_of(size: Size, seed: int = 0) -> ZooRecipe:
+    """The recipe of a zoo size, drawn with `seed`."""
+    if size not in RECIPES:
+        raise ValueError(f"zoo size must be one of {sorted(RECIPES)}, got {size!r}")
+    return replace(RECIPES[size], seed=seed)
+
+
+def version(size: Size, seed: int = 0) -> str:
+    """A hash of what decides the zoo's weights: the recipe, and the libraries that train it
+    (the same recipe trains other weights under another torch or transformers, so a zoo built
+    by other libraries is rebuilt, not reused)."""
+    import torch
+    import transformers
+
+    libraries = {"torch": torch.__version__, "transformers": transformers.__version__}
+    text = json.dumps([ZOO_FORMAT, asdict(recipe_of(size, seed)), libraries], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def default_zoo_dir(size: Size = "demo") -> Path:
+def default_zoo_dir(size: Size = "demo", seed: int = 0) -> Path:
     """Where `build_zoo(size)` caches its zoo: `$EVOMERGE_CACHE` or the user cache dir."""
     cache = os.environ.get("EVOMERGE_CACHE") or user_cache_dir("evomerge")
-    return Path(cache) / "zoo" / f"{size}-{version(size)}"
+    return Path(cache) / "zoo" / f"{size}-{version(size, seed)}"
 
 
 def resolve_model(ref: str, zoo_dir: Path | None = None) -> Path:
@@ -134,12 +148,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _is_current(root: Path, size: Size) -> bool:
+def _is_current(root: Path, size: Size, seed: int) -> bool:
     try:
         manifest = read_manifest(root)
     except FileNotFoundError:
         return False
-    return manifest.get("size") == size and manifest.get("version") == version(size)
+    return manifest.get("size") == size and manifest.get("version") == version(size, seed)
 
 
 @contextmanager
@@ -159,13 +173,15 @@ def _run(args: tuple[Job, Path, Path | None, frozenset[str], bool]) -> tuple[str
     return job.name, train(job, out, parent=parent, exclude=exclude, log=log)
 
 
-def build_zoo(size: Size = "demo", out: Path | None = None, progress: bool = True) -> Path:
-    """Return the zoo folder of `size`, training it first when missing or out of date."""
-    if size not in RECIPES:
-        raise ValueError(f"zoo size must be one of {sorted(RECIPES)}, got {size!r}")
-    root = Path(out).expanduser().resolve() if out else default_zoo_dir(size)
+def build_zoo(
+    size: Size = "demo", out: Path | None = None, progress: bool = True, seed: int = 0
+) -> Path:
+    """Return the zoo folder of `size` (drawn with `seed`), training it first when missing or
+    out of date."""
+    recipe_of(size, seed)  # a bad size fails here, before any folder is made
+    root = Path(out).expanduser().resolve() if out else default_zoo_dir(size, seed)
     with _locked(root):
-        if _is_current(root, size):
+        if _is_current(root, size, seed):
             return root
         if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
             raise FileExistsError(f"{root} exists and is not a zoo; choose another --out")
@@ -173,7 +189,7 @@ def build_zoo(size: Size = "demo", out: Path | None = None, progress: bool = Tru
             shutil.rmtree(stale, ignore_errors=True)  # a killed build's; the lock says so
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
-            manifest = _build(size, tmp, root, progress)
+            manifest = _build(size, seed, tmp, root, progress)
             if root.exists():
                 shutil.rmtree(root)
             tmp.rename(root)
@@ -184,10 +200,10 @@ def build_zoo(size: Size = "demo", out: Path | None = None, progress: bool = Tru
     return root
 
 
-def _build(size: Size, tmp: Path, final: Path, progress: bool) -> dict[str, Any]:
+def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dict[str, Any]:
     """Write the whole zoo into `tmp`, which will be renamed to `final`; returns the manifest."""
     say: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
-    recipe = RECIPES[size]
+    recipe = recipe_of(size, seed)
     start = time.perf_counter()
     pairs = eval_pairs({"search": recipe.search_rows, "held-out": recipe.held_out_rows})
     exclude = excluded(pairs)
@@ -205,7 +221,7 @@ def _build(size: Size, tmp: Path, final: Path, progress: bool) -> dict[str, Any]
         )
     manifest: dict[str, Any] = {
         "size": size,
-        "version": version(size),
+        "version": version(size, seed),
         "base": "base",
         "experts": {j.name: j.name for j in experts},
         "stranger": "stranger",
