@@ -239,7 +239,7 @@ class TensorSlot:
 
     `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
     order statistics of each task vector; `cache` what the merge engine derives on first use
-    (tables of a random stream, say).
+    (tables of a random stream, say), kept in files beside the statistics.
     """
 
     name: str
@@ -250,7 +250,7 @@ class TensorSlot:
     l1: torch.Tensor  # float64 [S]
     gram: torch.Tensor  # float64 [S + 1, S + 1]
     grid: MagnitudeGrid
-    cache: dict = field(default_factory=dict, repr=False)
+    cache: stats_cache.Derived = field(repr=False)
 
     @property
     def numel(self) -> int:
@@ -265,7 +265,7 @@ class TensorEntry:
     shape: torch.Size
     part: str | int
     stats: TensorStats
-    cache: dict = field(default_factory=dict, repr=False)
+    cache: stats_cache.Derived = field(repr=False)
 
     @property
     def numel(self) -> int:
@@ -380,7 +380,14 @@ class SourceSet:
             stats = stats_cache.load(key, tensors, device)
         shapes = base_ckpt.shapes()
         entries = tuple(
-            TensorEntry(name, torch.Size(shapes[name]), part, stats[name]) for name, part in order
+            TensorEntry(
+                name,
+                torch.Size(shapes[name]),
+                part,
+                stats[name],
+                stats_cache.Derived(key, name, device),
+            )
+            for name, part in order
         )
         paths = {base_name: base_ckpt.path} | {n: c.path for n, c in zip(names, ckpts, strict=True)}
         return cls(base_name, names, paths, base_ckpt.config, arch, device, entries, weights, store)

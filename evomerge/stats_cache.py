@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from platformdirs import user_cache_dir
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from evomerge.tensor_stats import GRID, TensorStats
@@ -89,3 +90,49 @@ def save(key: str, stats: dict[str, TensorStats]) -> None:
     tmp = folder / f".{key}.{os.getpid()}.tmp"
     save_file(flat, tmp)
     os.replace(tmp, folder / f"{key}.safetensors")
+
+
+class Derived:
+    """What the merge engine derives from one tensor on first use and keeps between builds
+    (DARE's kept-L1-by-draw tables of a seed): each value is a (tag, tensor) pair, written
+    to a file beside the statistics and kept mapped from it. Page cache, then: shared by the
+    workers of a node and by the next run, where a dict would hold every table in every
+    worker's own memory (S x 256 KiB a tensor; 0.4 bytes a parameter at 300M).
+    """
+
+    def __init__(self, key: str, tensor: str, device: torch.device) -> None:
+        self._folder = cache_dir() / key
+        self._tensor, self._device = tensor, device
+        self._held: dict = {}
+
+    def _path(self, name) -> Path:
+        digest = hashlib.sha256(f"{self._tensor}\0{name!r}".encode()).hexdigest()[:32]
+        return self._folder / f"{digest}.safetensors"
+
+    def get(self, name, default=None):
+        """The (tag, tensor) kept under `name`, from memory or its file; else `default`."""
+        if name not in self._held:
+            path = self._path(name)
+            if not path.is_file():
+                return default
+            with safe_open(path, "pt") as f:
+                tag = tuple(json.loads(f.metadata()["tag"]))
+            self._held[name] = (tag, load_file(path, device=str(self._device))["value"])
+        return self._held[name]
+
+    def __getitem__(self, name):
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __setitem__(self, name, value: tuple[tuple, torch.Tensor]) -> None:
+        """Write atomically (workers of a node may derive the same value at once), then map."""
+        tag, tensor = value
+        self._folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(name)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        save_file({"value": tensor.contiguous().cpu()}, tmp, metadata={"tag": json.dumps(tag)})
+        os.replace(tmp, path)
+        self._held.pop(name, None)
+        self.get(name)

@@ -129,3 +129,20 @@ def test_host_placement_maps_the_files_and_copies_nothing(tiny_llama):
         files = {_mapped_file(t.data_ptr()) for t in mapped}
         assert all(f.endswith(".safetensors") for f in files), name
         assert {_mapped_file(t.data_ptr()) for t in owned} & files == set(), name
+
+
+def test_dare_tables_live_in_files_a_second_worker_maps(tmp_path, monkeypatch, tiny_llama):
+    """DARE's kept-L1-by-draw tables are written beside the statistics and used mapped from
+    there (page cache, not a worker's memory); another worker of the node finds them, and
+    builds the same bits from them."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    first = _load(tiny_llama.base, tiny_llama.sources, Placement.HOST)
+    recipe = recipe_for("dare_ties", first, fixed={"density": 0.6}, seed=3)
+    expected = placed_build(recipe, first)
+    tables = [e.cache.get(("l1_by_draw", row)) for e in first.entries for row in range(3)]
+    assert all(t is not None for t in tables)
+    assert all(_mapped_file(t[1].data_ptr()).endswith(".safetensors") for t in tables)
+    second = _load(tiny_llama.base, tiny_llama.sources, Placement.DEVICE)
+    found = [e.cache.get(("l1_by_draw", row)) for e in second.entries for row in range(3)]
+    assert all(torch.equal(a[1], b[1]) and a[0] == b[0] for a, b in zip(tables, found, strict=True))
+    assert_bits(placed_build(recipe, second), expected)
