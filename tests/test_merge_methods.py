@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -252,19 +253,19 @@ def test_dare_kept_fraction_and_rescale(tiny_sources, density):
 
 
 def test_random_draws_are_common_to_the_candidates_of_a_study(tiny_sources):
-    """Masks depend only on (seed, source, tensor): not on weights, other sources or order;
-    a lower density keeps a subset of what a higher one keeps."""
+    """Masks depend only on (seed, source position, tensor): not on weights or on the other
+    sources; a lower density keeps a subset of what a higher one keeps."""
     slot = tiny_sources.slots[3]
 
-    def mask(seed, source, density):
-        keep = sparsify.random(slot, 0, density, rng_key(seed, source, slot.name), True)
+    def mask(seed, position, density):
+        keep = sparsify.random(slot, 0, density, rng_key(seed, position, slot.name), True)
         return keep.mask_(torch.empty(slot.numel), 0).bool()
 
-    low, high = mask(7, "a", 0.3), mask(7, "a", 0.6)
+    low, high = mask(7, 0, 0.3), mask(7, 0, 0.6)
     assert bool((low <= high).all()) and int(low.sum()) < int(high.sum())
-    assert torch.equal(low, mask(7, "a", 0.3))
-    assert not torch.equal(low, mask(8, "a", 0.3)) and not torch.equal(low, mask(7, "b", 0.3))
-    keep = sparsify.random(slot, 0, 0.3, rng_key(7, "a", slot.name), True)
+    assert torch.equal(low, mask(7, 0, 0.3))
+    assert not torch.equal(low, mask(8, 0, 0.3)) and not torch.equal(low, mask(7, 1, 0.3))
+    keep = sparsify.random(slot, 0, 0.3, rng_key(7, 0, slot.name), True)
     assert keep.kept_l1 == pytest.approx(float(slot.tv[0][low].abs().sum()), rel=1e-6)
 
     one = _single("dare_ties", tiny_sources, 0.4)
@@ -272,15 +273,49 @@ def test_random_draws_are_common_to_the_candidates_of_a_study(tiny_sources):
     groups = one.groups
     two = one.model_copy(
         update={
-            "sources": ("b", "a"),
+            "sources": ("a", "b"),
             "params": {
-                "weight": ((0.0, 0.3),) * len(groups),
-                "density": ((0.9, 0.4),) * len(groups),
+                "weight": ((0.3, 0.0),) * len(groups),
+                "density": ((0.4, 0.9),) * len(groups),
             },
         }
     )
     again = [d != 0 for d, _ in _deltas(two, tiny_sources)]
     assert all(torch.equal(p, q) for p, q in zip(pattern, again, strict=True))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_same_recipe_over_copied_models_builds_the_same_bits(method, tiny_llama, tmp_path):
+    """The models in another folder (named by their paths, as a study names them) draw the
+    same masks: a recipe scored on a cluster exports as the same model on a laptop."""
+    built = []
+    for folder in (None, tmp_path / "elsewhere"):
+        models = (tiny_llama.base, *tiny_llama.sources)
+        if folder is not None:
+            models = tuple(shutil.copytree(m, folder / m.name) for m in models)
+        sources = SourceSet.load(models[0], models[1:])
+        recipe = recipe_for(
+            method,
+            sources,
+            base=sources.base_name,
+            sources=sources.names,
+            fixed={"density": 0.5, "epsilon": 0.1},
+        )
+        built.append(ours(recipe, sources))
+    assert built[0].keys() == built[1].keys()
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+
+
+def test_sce_k_rounds_as_mergekit(tiny_sources, tiny_states):
+    """mergekit computes k = int(count * select_topk) in float32; float64 keeps one element
+    more where the product is just under an integer."""
+    n = 64 * 32  # the MLP projections
+    fraction = (1000 - 1e-5) / n
+    assert int(n * fraction) == 999 and int(torch.tensor(n) * fraction) == 1000
+    groups = tiny_sources.groups(1)
+    params = {"select_topk": ((fraction,),) * len(groups)}
+    recipe = recipe_for("sce", tiny_sources, granularity=1, params=params)
+    assert_same(ours(recipe, tiny_sources), mergekit_merge(recipe, tiny_sources, tiny_states))
 
 
 def test_della_keep_probability_rises_with_magnitude(tiny_sources):
@@ -313,7 +348,7 @@ def _lowbias32(x: int) -> int:
 
 def test_random_draws_are_a_keyed_hash_of_the_index():
     """Same values as a pure-Python hash (int32 products wrap), whatever the chunking."""
-    key = rng_key(3, "zoo:math", "model.layers.0.mlp.up_proj.weight")
+    key = rng_key(3, 1, "model.layers.0.mlp.up_proj.weight")
     cpu = torch.device("cpu")
     u = uniform16(key, 0, 5001, cpu)
     for i in (0, 1, 17, 4999, 5000):

@@ -36,7 +36,6 @@ class Plan:
         return TensorJob(
             slot=slot,
             rows=self.rows,
-            sources=self.recipe.sources,
             base_row=self.base_row,
             values=self.values[self.group_of[slot.part]],
             options=self.options,

@@ -167,9 +167,11 @@ def _int32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def rng_key(seed: int, source: str, tensor: str) -> tuple[int, int]:
-    """The key of one (seed, source, tensor) stream: what the random draws depend on, only."""
-    digest = hashlib.sha256(f"{seed}\0{source}\0{tensor}".encode()).digest()
+def rng_key(seed: int, position: int, tensor: str) -> tuple[int, int]:
+    """The key of one (seed, source position in the recipe, tensor) stream: what the random
+    draws depend on, only. Never a source's name or path: the same recipe over models copied
+    to another folder must draw the same masks."""
+    digest = hashlib.sha256(f"{seed}\0{position}\0{tensor}".encode()).digest()
     k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
     return _int32(k1), _int32(k2)
 

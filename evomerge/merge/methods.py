@@ -162,7 +162,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return sparsify.magnitude(slot, row, d, want_l1)
         if self.sparsifier == "band":
             return sparsify.band(slot, row, d, job.values["gamma"][i], want_l1)
-        key = rng_key(job.seed, job.sources[i], slot.name)
+        key = rng_key(job.seed, i, slot.name)
         if self.sparsifier == "random":
             return sparsify.random(slot, row, d, key, want_l1)
         return sparsify.della(slot, row, d, job.values["epsilon"][i], key)
@@ -298,8 +298,10 @@ class SCE(MergeMethod):
         var = torch.empty(slot.numel, dtype=torch.float32, device=slot.base.device)
         for start, stop in chunks(slot.numel, steps(CHUNK, slot.base.device)):
             var[start:stop] = gather(slot, rows, start, stop).var(dim=0, unbiased=False)
-        count = int(var.count_nonzero()) * fraction if fraction > 0 else 0
-        sel = top_k(var, int(count), MagnitudeGrid.of(var[None]), 0, False)
+        # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
+        # rounds `count * fraction` differently from float64 for many counts.
+        k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
+        sel = top_k(var, k, MagnitudeGrid.of(var[None]), 0, False)
         return sel, var
 
 

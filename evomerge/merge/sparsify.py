@@ -2,8 +2,8 @@
 
 Each `Keep` answers, chunk by chunk, which elements survive, and knows the L1 norm of the
 survivors (mergekit's `rescale` matches the L1 norm of the pruned task vector to the
-original). Random keeps draw from the stream of (recipe seed, source, tensor) only, so the
-candidates of a study share their random numbers and differ only by their parameters.
+original). Random keeps draw from the stream of (recipe seed, source position, tensor)
+only, so the candidates of a study share their random numbers and differ only by their parameters.
 """
 
 from __future__ import annotations

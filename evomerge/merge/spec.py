@@ -67,7 +67,6 @@ class TensorJob:
 
     slot: TensorSlot
     rows: tuple[int | None, ...]
-    sources: tuple[str, ...]
     base_row: int | None
     values: dict[str, tuple[float, ...]]
     options: dict[str, bool | float]
