@@ -1,20 +1,26 @@
-"""Real scale: a worker's private memory per model parameter in each placement.
+"""Real scale: a worker's memory per model parameter in each placement, against the floors.
 
-python -m benchmarks.scale [--small] [--dir DIR] [--trials 5]
+python -m benchmarks.scale [--size small|mid|full] [--dir DIR] [--trials 5]
 
-Mistral-shaped bf16 checkpoints in 256 MB shards (base + 3 sources; 308M parameters,
-`--small`: 46M) are generated once into DIR (default: the temp dir, outside git). Each
-measurement runs in a fresh process with a fresh statistics cache where it says "first":
+Mistral-shaped bf16 checkpoints in 256 MB shards (base + 3 sources; `full` 308M parameters,
+`mid` 149M, `small` 46M) are generated once into DIR (default: the temp dir, outside git).
+Each row runs in a fresh process; the first with an empty statistics cache:
 
-- load: `SourceSet.load` (the worker's path) in each placement; the first load computes the
-  statistics into an empty cache, the second finds them there.
-- memory: from /proc/self/smaps_rollup, private = Rss - Shared_Clean - Shared_Dirty, and
-  Anonymous (memory no other process can share), per model parameter, after load and after
-  `--trials` builds each of dare_ties and ties into a resident bf16 candidate. Mapped file
-  pages that only this process maps count as private clean; they are the page cache's and a
-  second worker mapping the same files turns them into shared.
-- build: median seconds of a dare_ties and a ties build, against the copy reference of
-  benchmarks/merge_build (plain copies of the bytes a build reads and writes, float32).
+- load: `SourceSet.load` (the worker's path); the first load computes the statistics into
+  the empty cache, the later ones find them there.
+- memory: from /proc/PID/smaps_rollup, per model parameter, after load (with the bf16
+  candidate) and after `--trials` builds each of dare_ties and ties. The floor metric is
+  Anonymous: memory no other process can share. "private" (Rss - Shared_*) also counts
+  clean file pages only this process maps: a lone host worker's mapped checkpoint pages,
+  which are the page cache's and turn shared as soon as a second worker maps them.
+- floors (no evaluation runs here, so its working set is 0): host <= 1.15 x the candidate's
+  bytes; device <= 1.1 x (the sources' checkpoint bytes + the candidate's).
+- two workers: two host processes alive at once, each loaded with a candidate and one build;
+  the sum of their anonymous memory against one copy of the sources.
+- build: median seconds per method, against two references: `stream`, the same path
+  without the merge (every tensor's float32 base and task vectors formed from the
+  placement's weights, the base written into the candidate), and `copy`, the copy reference
+  of benchmarks/merge_build (plain float32 copies of the bytes a build reads and writes).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -29,16 +36,20 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import MistralConfig, MistralForCausalLM
 
 SHAPES = {
     "full": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=18),
+    "mid": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=6),
     "small": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4),
 }
 MISTRAL = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
 SHARD = 256 << 20
 SOURCES = ("s0", "s1", "s2")
+METHODS = ("dare_ties", "ties")
+HOST_FLOOR, DEVICE_FLOOR = 1.15, 1.1
 
 
 def write_checkpoints(root: Path, shape: dict) -> Path:
@@ -70,121 +81,208 @@ def write_checkpoints(root: Path, shape: dict) -> Path:
     return root
 
 
-def memory() -> dict[str, int]:
-    """This process's smaps_rollup, in bytes."""
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's smaps_rollup, in bytes."""
     out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":")
         out[key] = int(value.split()[0]) * 1024
     return out
 
 
-def private(m: dict[str, int]) -> int:
-    return m["Rss"] - m["Shared_Clean"] - m["Shared_Dirty"]
+def usage(m: dict[str, int], m0: dict[str, int], n: int) -> dict[str, float]:
+    """Bytes per parameter above `m0`: anonymous (the floor's) and private (see above)."""
+
+    def private(x: dict[str, int]) -> int:
+        return x["Rss"] - x["Shared_Clean"] - x["Shared_Dirty"]
+
+    return {
+        "anonymous": (m["Anonymous"] - m0["Anonymous"]) / n,
+        "private": (private(m) - private(m0)) / n,
+    }
+
+
+def streamer(sources, model):
+    """The build's path without its maths: form each tensor's float32 base and task vectors
+    from the placement's weights and write the base into the candidate."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def run() -> None:
+        with torch.no_grad():
+            for slot in sources.slots:
+                params[slot.name].view(-1).copy_(slot.base)
+
+    return run
+
+
+def load(root: Path, placement: str):
+    """The worker's load: the SourceSet of the benchmark's checkpoints."""
+    from evomerge.models import SourceSet
+
+    sources = [root / s for s in SOURCES]
+    return SourceSet.load(
+        root / "base", sources, names=SOURCES, base_name="base", placement=placement
+    )
 
 
 def measure(root: Path, placement: str, trials: int) -> dict:
     """One worker's life in this process: load, candidate, `trials` builds per method."""
     from benchmarks.merge_build import copier, median, recipe, timed
     from evomerge.merge import build
-    from evomerge.models import SourceSet
 
     m0 = memory()
     t0 = time.perf_counter()
-    sources = SourceSet.load(
-        root / "base",
-        [root / s for s in SOURCES],
-        names=SOURCES,
-        base_name="base",
-        placement=placement,
-    )
+    sources = load(root, placement)
     load_s = time.perf_counter() - t0
     model = sources.new_model("bfloat16")
     n = sum(e.numel for e in sources.entries)
-    after_load = memory()
+    out = {"placement": placement, "params": n, "load_s": load_s}
+    out["after_load"] = usage(memory(), m0, n)
     groups = sources.groups(1)
     builds = {}
-    for method in ("dare_ties", "ties"):
+    for method in METHODS if trials else ():
         r = recipe(method, groups, "base").model_copy(update={"dtype": "bfloat16"})
         builds[method] = median(
             [timed(lambda r=r: build(r, sources, model)) for _ in range(trials)]
         )[0]
-    copy = copier(sources)
-    copy_s = median([timed(copy) for _ in range(3)])[0]
-    after = memory()
+    out["after_trials"] = usage(memory(), m0, n)  # before the references allocate theirs
+    if trials:
+        r = recipe("task_arithmetic", groups, "base").model_copy(update={"dtype": "bfloat16"})
+        builds["task_arithmetic"] = median(
+            [timed(lambda: build(r, sources, model)) for _ in range(2)]
+        )[0]
+        out["stream_s"] = median([timed(streamer(sources, model)) for _ in range(2)])[0]
+        out["copy_s"] = median([timed(copier(sources)) for _ in range(3)])[0]
+    out["build_s"] = builds
+    return out
 
-    def per_param(m: dict[str, int]) -> dict[str, float]:
-        return {
-            "private": (private(m) - private(m0)) / n,
-            "anonymous": (m["Anonymous"] - m0["Anonymous"]) / n,
-        }
 
-    return {
-        "placement": placement,
-        "params": n,
-        "load_s": load_s,
-        "after_load": per_param(after_load),
-        "after_trials": per_param(after),
-        "build_s": builds,
-        "copy_s": copy_s,
-    }
+def _command(root: Path, placement: str, trials: int, hold: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--dir", str(root), "--child", placement]
+    return [*cmd, "--trials", str(trials), *(["--hold"] if hold else [])]
 
 
 def child(root: Path, placement: str, trials: int, cache: Path) -> dict:
     env = os.environ | {"EVOMERGE_CACHE": str(cache)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.scale",
-        "--dir",
-        str(root),
-        "--child",
-        placement,
-        "--trials",
-        str(trials),
-    ]
+    cmd = _command(root, placement, trials)
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def pair(root: Path, cache: Path) -> dict:
+    """Two host workers alive at once (each loaded, with a candidate, after one build): their
+    memory above their own start while both are alive. They map the same files, so the
+    checkpoint pages are shared and neither counts them as private."""
+    env = os.environ | {"EVOMERGE_CACHE": str(cache)}
+    procs = [
+        subprocess.Popen(
+            _command(root, "host", 0, hold=True),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = [json.loads(p.stdout.readline()) for p in procs]  # both loaded and built
+    now = [
+        usage(memory(p.pid), r["before"], r["params"]) for p, r in zip(procs, reports, strict=True)
+    ]
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+    return {k: [u[k] for u in now] for k in ("anonymous", "private")}
+
+
+def hold(root: Path) -> None:
+    """`--hold`: one host worker that loads, builds once, reports and waits for stdin."""
+    from benchmarks.merge_build import recipe
+    from evomerge.merge import build
+
+    m0 = memory()
+    sources = load(root, "host")
+    model = sources.new_model("bfloat16")
+    r = recipe("dare_ties", sources.groups(1), "base").model_copy(update={"dtype": "bfloat16"})
+    build(r, sources, model)
+    print(json.dumps({"params": sum(e.numel for e in sources.entries), "before": m0}), flush=True)
+    sys.stdin.read()
+
+
+def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
+    n = runs[0][1]["params"]
+    sources = 2 * 4  # bf16 base + 3 sources, bytes a parameter
+    floors = {"host": HOST_FLOOR * 2, "device": DEVICE_FLOOR * (sources + 2)}
+    lines = [
+        f"{n / 1e6:.0f}M parameters, base + 3 sources, bf16 (2 bytes a parameter a model); "
+        f"candidate bf16; {trials} builds each of {' and '.join(METHODS)}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} torch threads, "
+        f"load average {os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| run | load (s) | anonymous B/param after load | after trials | floor | private "
+        "after load | after trials |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in runs:
+        a, b = r["after_load"], r["after_trials"]
+        floor = floors[r["placement"]]
+        ok = "met" if max(a["anonymous"], b["anonymous"]) <= floor else "MISSED"
+        lines.append(
+            f"| {label} | {r['load_s']:.2f} | {a['anonymous']:.2f} | "
+            f"{b['anonymous'] if r['build_s'] else float('nan'):.2f} | {floor:.2f} ({ok}) | "
+            f"{a['private']:.2f} | {b['private']:.2f} |"
+        )
+    lines += [
+        "",
+        "| placement | dare_ties (s) | ties (s) | task_arithmetic (s) | stream (s) | copy (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in runs:
+        if r["build_s"]:
+            b = r["build_s"]
+            lines.append(
+                f"| {label} | {b['dare_ties']:.2f} | {b['ties']:.2f} | "
+                f"{b['task_arithmetic']:.2f} | {r['stream_s']:.2f} | {r['copy_s']:.2f} |"
+            )
+    total = sum(two["anonymous"])
+    lines += [
+        "",
+        f"second load / first: {runs[1][1]['load_s'] / runs[0][1]['load_s']:.3f}",
+        f"two host workers: anonymous {two['anonymous'][0]:.2f} + {two['anonymous'][1]:.2f} = "
+        f"{total:.2f} B/param (private {two['private'][0]:.2f} + {two['private'][1]:.2f}); "
+        f"one copy of the sources is {sources} B/param, two would be {2 * sources}",
+    ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--size", choices=sorted(SHAPES), default="full")
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--child", choices=("device", "host"))
+    ap.add_argument("--hold", action="store_true")
     args = ap.parse_args()
-    size = "small" if args.small else "full"
-    root = args.dir or Path(tempfile.gettempdir()) / f"evomerge-scale-{size}"
+    root = args.dir or Path(tempfile.gettempdir()) / f"evomerge-scale-{args.size}"
+    if args.hold:
+        hold(root)
+        return
     if args.child:
         print(json.dumps(measure(root, args.child, args.trials)))
         return
-    write_checkpoints(root, SHAPES[size])
+    write_checkpoints(root, SHAPES[args.size])
     with tempfile.TemporaryDirectory() as cache:
         runs = [
-            ("host, first load", child(root, "host", args.trials, Path(cache))),
+            ("host, first load", child(root, "host", 0, Path(cache))),
             ("host, second load", child(root, "host", args.trials, Path(cache))),
             ("device, second load", child(root, "device", args.trials, Path(cache))),
         ]
-    n = runs[0][1]["params"]
-    print(
-        f"{n / 1e6:.0f}M parameters, base + 3 sources, bf16 (2 bytes a parameter a model); "
-        f"candidate bf16; {torch.get_num_threads()} torch threads"
-    )
-    print(
-        "| run | load (s) | private B/param after load | after trials | anonymous after "
-        "trials | dare_ties build (s) | ties build (s) | copy (s) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, r in runs:
-        b = r["build_s"]
-        print(
-            f"| {label} | {r['load_s']:.1f} | {r['after_load']['private']:.2f} | "
-            f"{r['after_trials']['private']:.2f} | {r['after_trials']['anonymous']:.2f} | "
-            f"{b['dare_ties']:.2f} | {b['ties']:.2f} | {r['copy_s']:.2f} |"
-        )
-    print(f"second load / first: {runs[1][1]['load_s'] / runs[0][1]['load_s']:.3f}")
-    print(json.dumps({label: r for label, r in runs}))
+        two = pair(root, Path(cache))
+    print(f"python -m benchmarks.scale --size {args.size} --trials {args.trials}")
+    print(f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs")
+    print("\n".join(report(runs, two, args.trials)))
+    print(json.dumps({"runs": dict(runs), "two_workers": two}))
 
 
 if __name__ == "__main__":
