@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
+from evomerge.layout import Layout
 from evomerge.merge import build, get_method
 from evomerge.merge.build import group_parts, group_values, method_options
 from evomerge.merge.spec import BasePolicy
-from evomerge.models import SourceSet, architecture, has_tokenizer, load_model
+from evomerge.mergekit_coverage import gap
+from evomerge.models import Checkpoint, SourceSet, has_tokenizer, load_model
 from evomerge.recipe import DATAFLOW, EMBED, LM_HEAD, MERGED, NORM, Recipe
 
 MERGE_OUT = "./merge"  # where a PS+DFS route's passthrough config expects model A's merge
@@ -45,23 +48,31 @@ def _setting(layer_value: float, special: list[tuple[str, float]]):
     return [{"filter": name, "value": v} for name, v in special] + [{"value": layer_value}]
 
 
-def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
-    """The mergekit config (one slice per layer group, filters for the special groups)."""
-    method = get_method(recipe.method)
+def _anchor(recipe: Recipe, source_paths: dict[str, str]) -> tuple[Checkpoint, Layout]:
+    """The checkpoint whose layout the config follows (the base, else the first source)."""
     missing = [n for n in (recipe.base, *recipe.sources) if n is not None and n not in source_paths]
     if missing:
         raise ValueError(f"source_paths: no path for {missing}")
-    anchor = source_paths[recipe.base if recipe.base is not None else recipe.sources[0]]
-    config = AutoConfig.from_pretrained(anchor)
-    arch = architecture(config)
-    num_layers = int(getattr(config, arch.num_layers_key))
+    ckpt = Checkpoint.open(
+        source_paths[recipe.base if recipe.base is not None else recipe.sources[0]]
+    )
+    return ckpt, Layout.of(ckpt.config)
+
+
+def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
+    """The mergekit config (one slice per layer group, filters for the special groups)."""
+    method = get_method(recipe.method)
+    _, layout = _anchor(recipe, source_paths)
+    num_layers = layout.num_layers
     group_of = group_parts(recipe.groups, num_layers)
     options = method_options(recipe, method)
     values = group_values(recipe, method, options)
     runs = _layer_runs(group_of, num_layers)
 
     def setting(name: str, i: int, g: int, specials: tuple[str, ...]):
-        pairs = [(t, values[group_of[s]][name][i]) for s in specials for t in arch.special[s]]
+        pairs = [(t, values[group_of[s]][name][i]) for s in specials for t in layout.tensors(s)]
+        if LM_HEAD in specials:  # a tied head is the embedding: a stored copy merges as it does
+            pairs += [(t, values[group_of[EMBED]][name][i]) for t in sorted(layout.tied)]
         return _setting(values[g][name][i], pairs)
 
     slices = []
@@ -99,11 +110,27 @@ def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
     return cfg
 
 
+def mergekit_gap(recipe: Recipe, source_paths: dict[str, str]) -> str | None:
+    """Why mergekit's merge of `recipe` is not evomerge's (see `mergekit_coverage`); None
+    when it is (random methods: up to their random draws)."""
+    ckpt, layout = _anchor(recipe, source_paths)
+    return gap(ckpt.config, layout.parts(ckpt.shapes(), str(ckpt.path)))
+
+
 def mergekit_yaml(recipe: Recipe, source_paths: dict[str, str]) -> str:
-    """mergekit's YAML for `recipe`; random methods differ by their random draws only."""
-    return yaml.safe_dump(
+    """mergekit's YAML for `recipe`, its header saying whether mergekit rebuilds this model."""
+    body = yaml.safe_dump(
         mergekit_config(recipe, source_paths), sort_keys=False, default_flow_style=None
     )
+    why = mergekit_gap(recipe, source_paths)
+    if why is None:
+        note = ["# Exact: mergekit rebuilds this model from it"]
+        if not get_method(recipe.method).deterministic:
+            note[0] += ", up to the random draws of its masks"
+    else:
+        note = ["# NOT EXACT: " + line for line in textwrap.wrap(why, 86)]
+    header = [f"# mergekit config of evomerge recipe {recipe.hash} ({recipe.method}).", *note]
+    return "\n".join(header) + "\n" + body
 
 
 def _card_end(scores: dict | None, reproduce: str, config_yaml: str) -> list[str]:
@@ -174,9 +201,14 @@ def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, s
         lines.append(f"{recipe.method} has no numeric parameters.")
     if options:
         lines += ["", "Options: " + ", ".join(f"`{k}` = {v}" for k, v in options.items())]
+    why = mergekit_gap(recipe, source_paths)
+    mergekit = (
+        "the equivalent mergekit config (`mergekit_config.yml`):"
+        if why is None
+        else f"mergekit's config (`mergekit_config.yml`) does **not** rebuild it: {why}."
+    )
     reproduce = (
-        "`evomerge merge recipe.json --out DIR` rebuilds this folder bit for bit; the "
-        "equivalent mergekit config (`mergekit_config.yml`):"
+        f"`evomerge merge recipe.json --out DIR` rebuilds this folder bit for bit; {mergekit}"
     )
     return "\n".join(lines + _card_end(scores, reproduce, config_yaml))
 

@@ -1,18 +1,17 @@
-"""Checkpoints, architecture tables and the `SourceSet` the merge engine builds from.
+"""Checkpoints and the `SourceSet` the merge engine builds from.
 
 A `SourceSet` is loaded once per worker: the base model and the sources, kept where its
 placement says (`evomerge.placement`: on the device in their checkpoint dtype, or mapped
 from the files), plus per-tensor statistics (L1 norms, Gram matrices, magnitude rank grids)
 that make the per-candidate work cheap, cached on disk by content. A build reaches the
 tensors one at a time as `TensorSlot`s: float32 base and stacked task vectors (source -
-base), formed for that tensor only. Which tensor belongs to which layer group is data: one
-`ArchSpec` table per architecture, no per-architecture code.
+base), formed for that tensor only. Which tensor belongs to which layer group the model itself
+says (`evomerge.layout`): no per-architecture table.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,106 +22,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.initialization import no_init_weights
 
 from evomerge import stats_cache
+from evomerge.layout import SHAPE_KEYS, Layout
 from evomerge.placement import Placement, Weights, open_weights, release_heap
 from evomerge.recipe import EMBED, LM_HEAD, NORM, layer_group_names
 from evomerge.tensor_stats import MagnitudeGrid, TensorStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-_LLAMA_LAYER = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-_ATTN_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
-_MLP_BIASES = tuple(f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Tensor layout of one decoder-only architecture: what is a layer, what is special."""
-
-    name: str
-    special: dict[str, tuple[str, ...]]  # group name -> its tensors
-    layer_prefix: str  # "{i}" marks the layer index
-    layer_tensors: tuple[str, ...]  # every decoder layer has these
-    optional_layer_tensors: tuple[str, ...] = ()
-    num_layers_key: str = "num_hidden_layers"
-    # Config fields that must agree for two checkpoints to be mergeable.
-    shape_keys: tuple[str, ...] = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-        "tie_word_embeddings",
-    )
-
-    @cached_property
-    def _layer_re(self) -> re.Pattern[str]:
-        prefix = re.escape(self.layer_prefix).replace(re.escape("{i}"), r"(\d+)")
-        return re.compile(f"^{prefix}(.+)$")
-
-    def part(self, tensor: str) -> str | int | None:
-        """The special group name or decoder layer index of `tensor`; None if unknown."""
-        for group, names in self.special.items():
-            if tensor in names:
-                return group
-        m = self._layer_re.match(tensor)
-        if m and m.group(2) in (*self.layer_tensors, *self.optional_layer_tensors):
-            return int(m.group(1))
-        return None
-
-    def required(self, num_layers: int, tied: bool) -> set[str]:
-        """Tensors a checkpoint of this architecture must hold."""
-        names = {n for g, ns in self.special.items() if not (tied and g == LM_HEAD) for n in ns}
-        for i in range(num_layers):
-            prefix = self.layer_prefix.format(i=i)
-            names.update(prefix + t for t in self.layer_tensors)
-        return names
-
-
-_LLAMA_SPECIAL = {
-    EMBED: ("model.embed_tokens.weight",),
-    NORM: ("model.norm.weight",),
-    LM_HEAD: ("lm_head.weight",),
-}
-ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in (
-        ArchSpec(
-            "llama",
-            _LLAMA_SPECIAL,
-            "model.layers.{i}.",
-            _LLAMA_LAYER,
-            _ATTN_BIASES + _MLP_BIASES,
-        ),
-        ArchSpec("mistral", _LLAMA_SPECIAL, "model.layers.{i}.", _LLAMA_LAYER),
-        ArchSpec(
-            "qwen2",
-            _LLAMA_SPECIAL,
-            "model.layers.{i}.",
-            _LLAMA_LAYER + _ATTN_BIASES[:3],
-        ),
-    )
-}
-
-
-def architecture(config: PretrainedConfig) -> ArchSpec:
-    spec = ARCHITECTURES.get(config.model_type)
-    if spec is None:
-        raise ValueError(
-            f"unsupported architecture {config.model_type!r} "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    return spec
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -321,7 +226,7 @@ class SourceSet:
     names: tuple[str, ...]
     paths: dict[str, Path]
     config: PretrainedConfig
-    arch: ArchSpec
+    layout: Layout
     device: torch.device
     entries: tuple[TensorEntry, ...]
     weights: Weights
@@ -364,8 +269,8 @@ class SourceSet:
         store = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
         base_ckpt = Checkpoint.open(base)
         ckpts = [Checkpoint.open(p) for p in sources]
-        arch = architecture(base_ckpt.config)
-        order = _check_compatible(base_name, base_ckpt, names, ckpts, arch)
+        layout = Layout.of(base_ckpt.config)
+        order = _check_compatible(base_name, base_ckpt, names, ckpts, layout)
         _check_tokenizers(base_name, base_ckpt, names, ckpts)
         device = _concrete(torch.device(device))
         models = [base_ckpt, *ckpts]
@@ -390,11 +295,13 @@ class SourceSet:
             for name, part in order
         )
         paths = {base_name: base_ckpt.path} | {n: c.path for n, c in zip(names, ckpts, strict=True)}
-        return cls(base_name, names, paths, base_ckpt.config, arch, device, entries, weights, store)
+        return cls(
+            base_name, names, paths, base_ckpt.config, layout, device, entries, weights, store
+        )
 
     @property
     def num_layers(self) -> int:
-        return int(getattr(self.config, self.arch.num_layers_key))
+        return self.layout.num_layers
 
     def groups(self, granularity: int = 1) -> tuple[str, ...]:
         return layer_group_names(self.num_layers, granularity)
@@ -453,7 +360,7 @@ def _check_compatible(
     base: Checkpoint,
     names: Sequence[str],
     ckpts: Sequence[Checkpoint],
-    arch: ArchSpec,
+    layout: Layout,
 ) -> list[tuple[str, str | int]]:
     """Same architecture, tensors and shapes everywhere; returns tensors in group order."""
     cfg = base.config
@@ -463,38 +370,28 @@ def _check_compatible(
                 f"{name} is a {ck.config.model_type!r} model but the base {base_name} is "
                 f"{cfg.model_type!r}: architectures must match"
             )
-        for key in arch.shape_keys:
+        for key in SHAPE_KEYS:
             a, b = getattr(cfg, key, None), getattr(ck.config, key, None)
             if a != b:
                 what = "vocabularies differ" if key == "vocab_size" else "architectures differ"
                 raise ValueError(f"{what}: {key} is {b} in {name} but {a} in the base {base_name}")
     shapes = base.shapes()
-    num_layers = int(getattr(cfg, arch.num_layers_key))
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    missing = arch.required(num_layers, tied) - set(shapes)
-    if missing:
-        raise ValueError(f"base {base_name} lacks tensor(s) {sorted(missing)}")
-    parts = {}
-    for tensor in shapes:
-        part = arch.part(tensor)
-        if part is None or (isinstance(part, int) and part >= num_layers):
-            raise ValueError(f"base {base_name}: tensor {tensor} fits no {arch.name} layer group")
-        parts[tensor] = part
+    parts = layout.parts(shapes, f"base {base_name}")
     for name, ck in zip(names, ckpts, strict=True):
         other = ck.shapes()
-        if set(other) != set(shapes):
-            lacks = sorted(set(shapes) - set(other))
-            extra = sorted(set(other) - set(shapes))
+        if set(other) - layout.tied != set(parts):
+            lacks = sorted(set(parts) - set(other))
+            extra = sorted(set(other) - set(parts) - layout.tied)
             raise ValueError(
                 f"{name} does not hold the base's tensors: missing {lacks}, extra {extra}"
             )
-        for tensor, shape in shapes.items():
-            if other[tensor] != shape:
+        for tensor in parts:
+            if other[tensor] != shapes[tensor]:
                 raise ValueError(
                     f"shape mismatch for {tensor}: {list(other[tensor])} in {name}, "
-                    f"{list(shape)} in the base {base_name}"
+                    f"{list(shapes[tensor])} in the base {base_name}"
                 )
-    rank = {EMBED: -1, NORM: num_layers, LM_HEAD: num_layers + 1}
+    rank = {EMBED: -1, NORM: layout.num_layers, LM_HEAD: layout.num_layers + 1}
     return sorted(parts.items(), key=lambda kv: (rank.get(kv[1], kv[1]), kv[0]))
 
 

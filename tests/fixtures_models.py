@@ -16,11 +16,16 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from evomerge.models import SourceSet
@@ -41,7 +46,16 @@ CONFIGS: dict[str, PretrainedConfig] = {
     "llama": LlamaConfig(**_SHAPE, tie_word_embeddings=False),
     "mistral": MistralConfig(**_SHAPE, tie_word_embeddings=False, sliding_window=16),
     "qwen2": Qwen2Config(**_SHAPE, tie_word_embeddings=True),
+    # Architectures evomerge knows nothing of: q/k norms, post-norms, fused projections,
+    # scaled embeddings, sliding layers; found from the model (evomerge.layout).
+    "qwen3": Qwen3Config(**_SHAPE, head_dim=8, tie_word_embeddings=True),
+    "gemma2": Gemma2Config(**_SHAPE, head_dim=8, sliding_window=16),
+    "gemma3_text": Gemma3TextConfig(**_SHAPE, head_dim=8, sliding_window=16),
+    "phi3": Phi3Config(**_SHAPE, tie_word_embeddings=False),
+    "olmo2": Olmo2Config(**_SHAPE, tie_word_embeddings=False),
 }
+CORE = ("llama", "mistral", "qwen2")  # the families every test runs on
+MORE = tuple(sorted(set(CONFIGS) - set(CORE)))  # the families tests/test_architectures.py adds
 
 
 @dataclass(frozen=True)
@@ -104,9 +118,11 @@ def make_family(
     dtype: torch.dtype = torch.float32,
     shard_size: str | None = None,
     seed: int = 0,
+    config: PretrainedConfig | None = None,
 ) -> Family:
-    """Write a base and `n_sources` perturbed sources of `arch` under `root`."""
-    config = CONFIGS[arch]
+    """Write a base and `n_sources` perturbed sources of `arch` (`config`, default its tiny
+    config) under `root`."""
+    config = config or CONFIGS[arch]
     torch.manual_seed(seed)
     base_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -124,7 +140,7 @@ def make_family(
     return Family(arch, base, sources)
 
 
-@pytest.fixture(scope="session", params=sorted(CONFIGS))
+@pytest.fixture(scope="session", params=CORE)
 def tiny_family(request, tmp_path_factory) -> Family:
     """A float32 tiny family of each architecture (llama, mistral, qwen2 with tied embeddings)."""
     return make_family(tmp_path_factory.mktemp(f"tiny_{request.param}"), request.param)

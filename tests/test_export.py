@@ -11,7 +11,8 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -19,7 +20,7 @@ from evomerge.export import export_checkpoint, export_recipe, mergekit_yaml
 from evomerge.merge import METHODS, build, get_method
 from evomerge.models import SourceSet
 from evomerge.recipe import Recipe, layer_group_names
-from tests.fixtures_models import NAMES, load_state
+from tests.fixtures_models import CONFIGS, NAMES, load_state, make_family
 from tests.test_merge_methods import recipe_for
 
 
@@ -193,3 +194,57 @@ def test_linear_of_one_model_is_that_model(tiny_llama, tmp_path):
     out = export_recipe(recipe, None, tmp_path / "one")
     ours, theirs = load_state(out), load_state(tiny_llama.sources[1])
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def _store_tied_head(folder: Path) -> None:
+    """Rewrite a tied checkpoint as real ones often are: `lm_head.weight` stored as well."""
+    state = load_state(folder)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_tied_head_stored_twice_is_merged_once(tmp_path):
+    """A tied model has one tensor: merged under the embedding group, the stored copy unread.
+    mergekit's output, loaded as transformers loads it, is the same model."""
+    fam = make_family(tmp_path, "qwen2", n_sources=2)
+    for folder in (fam.base, *fam.sources):
+        _store_tied_head(folder)
+    sources = SourceSet.load(fam.base, fam.sources, names=NAMES[:2], base_name="base")
+    assert "lm_head.weight" not in {s.name for s in sources.slots}
+    recipe = recipe_for("ties", sources, sources=NAMES[:2], granularity=1)
+    embed, head = (recipe.groups.index(g) for g in ("embed", "lm_head"))
+    assert recipe.params["weight"][embed] != recipe.params["weight"][head]
+    out = export_checkpoint(recipe, sources, tmp_path / "ours")
+    run_mergekit((out / "mergekit_config.yml").read_text(), tmp_path / "mergekit")
+    ours, theirs = (
+        AutoModelForCausalLM.from_pretrained(p).eval() for p in (out, tmp_path / "mergekit")
+    )
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.arange(4, 40).view(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.model.embed_tokens.weight, theirs.model.embed_tokens.weight, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_export_says_when_mergekit_cannot_rebuild_it(tmp_path):
+    """Llama with attention and MLP biases: mergekit's Llama table has no bias tensors, so
+    its merge leaves them out; the YAML's header and the card say so."""
+    config = LlamaConfig(**(CONFIGS["llama"].to_dict() | {"attention_bias": True}))
+    fam = make_family(tmp_path, "llama", n_sources=2, config=config)
+    sources = SourceSet.load(fam.base, fam.sources, names=NAMES[:2], base_name="base")
+    recipe = recipe_for("task_arithmetic", sources, sources=NAMES[:2])
+    out = export_checkpoint(recipe, sources, tmp_path / "ours")
+    config_yaml = (out / "mergekit_config.yml").read_text()
+    header = "".join(line for line in config_yaml.splitlines() if line.startswith("#"))
+    assert "# NOT EXACT: mergekit's llama table lacks 16 tensor(s)" in header
+    assert "model.layers.0.self_attn.k_proj.bias" in header
+    assert (
+        "does **not** rebuild it: mergekit's llama table lacks 16"
+        in (out / "README.md").read_text()
+    )
+    theirs = run_mergekit(config_yaml, tmp_path / "mergekit")
+    assert set(load_state(out)) - set(theirs) == {
+        f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(4) for p in "qkvo"
+    }

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, T5Config
 
-from evomerge.models import ARCHITECTURES, SourceSet
+from evomerge.layout import Layout
+from evomerge.models import SourceSet
 from evomerge.recipe import EMBED, LM_HEAD, NORM
 from tests.fixtures_models import (
     CONFIGS,
@@ -83,16 +84,18 @@ def test_bfloat16_sharded_task_vectors_are_exact(tiny_llama_bf16_sharded):
         assert torch.equal(rebuilt, src[slot.name].reshape(-1))
 
 
-def test_architecture_tables():
-    llama = ARCHITECTURES["llama"]
-    assert llama.part("model.layers.12.self_attn.o_proj.weight") == 12
-    assert llama.part("model.layers.3.mlp.up_proj.bias") == 3  # attention/mlp bias variants
-    assert llama.part("model.layers.3.rotary.inv_freq") is None
-    assert ARCHITECTURES["mistral"].part("model.layers.0.self_attn.q_proj.bias") is None
-    assert ARCHITECTURES["qwen2"].part("model.layers.0.self_attn.q_proj.bias") == 0
-    assert ARCHITECTURES["qwen2"].part("lm_head.weight") == LM_HEAD
-    required = ARCHITECTURES["qwen2"].required(2, tied=True)
-    assert "lm_head.weight" not in required and "model.layers.1.self_attn.v_proj.bias" in required
+def test_layouts_are_found_from_the_model():
+    """Groups come from the module tree transformers builds: no per-architecture table."""
+    llama = Layout.of(LlamaConfig(**CONFIGS["llama"].to_dict() | {"attention_bias": True}))
+    assert llama.params["model.layers.3.self_attn.o_proj.bias"] == 3
+    assert llama.params["lm_head.weight"] == LM_HEAD and not llama.tied
+    assert llama.tensors(NORM) == ("model.norm.weight",)
+    assert "model.layers.0.self_attn.q_proj.bias" not in Layout.of(CONFIGS["mistral"]).params
+    qwen2 = Layout.of(CONFIGS["qwen2"])
+    assert qwen2.params["model.layers.1.self_attn.v_proj.bias"] == 1
+    assert qwen2.tied == {"lm_head.weight"} and qwen2.tensors(LM_HEAD) == ()
+    with pytest.raises(ValueError, match=r"x: tensor model.layers.3.rotary.inv_freq fits no"):
+        llama.parts([*llama.params, "model.layers.3.rotary.inv_freq"], "x")
 
 
 # --- refusals --------------------------------------------------------------------------
@@ -182,8 +185,18 @@ def test_refuses_other_vocabulary_or_tokenizer(tmp_path, tiny_llama):
 def test_refuses_unsupported_architecture_and_repeated_names(tmp_path, tiny_llama):
     gpt2 = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=96)
     AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2': .*model.layers.N"):
         _load(tmp_path / "gpt2", tiny_llama.base)
+    for config, why in (
+        (BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2), "model.layers"),
+        (T5Config(num_layers=1, d_model=16, num_heads=2), "encoder-decoder"),
+    ):
+        config.save_pretrained(tmp_path / config.model_type)
+        save_file({"x": torch.zeros(1)}, tmp_path / config.model_type / "model.safetensors")
+        with pytest.raises(ValueError, match=rf"unsupported architecture '{config.model_type}'"):
+            _load(tmp_path / config.model_type, tiny_llama.base)
+        with pytest.raises(ValueError, match=why):
+            _load(tmp_path / config.model_type, tiny_llama.base)
     with pytest.raises(ValueError, match=r"model names repeat"):
         SourceSet.load(tiny_llama.base, tiny_llama.sources[:2], names=["x", "x"])
     with pytest.raises(ValueError, match=r"model names repeat"):

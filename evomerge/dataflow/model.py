@@ -73,8 +73,21 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
     return inner
 
 
+# Families whose model does more between its embeddings and its head than a path model does
+# (embed, layers, norm, head): a path through them would silently compute another model.
+DEPARTS = {
+    "gemma2": "its model scales the embeddings by sqrt(hidden_size) and soft-caps the logits",
+    "gemma3_text": "each layer type has its own rotary embedding, and the logits are soft-capped",
+}
+
+
 def _classes(config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     """The decoder layer, RMS norm and rotary embedding classes of a Llama-style config."""
+    if config.model_type in DEPARTS:
+        raise ValueError(
+            f"data-flow routes do not support {config.model_type!r}: "
+            f"{DEPARTS[config.model_type]}, which a path model does not do"
+        )
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"no causal LM class for model type {config.model_type!r}")
     lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
