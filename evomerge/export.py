@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from evomerge.layout import Layout
 from evomerge.merge import build, get_method
 from evomerge.merge.build import group_parts, group_values, method_options
 from evomerge.merge.spec import BasePolicy
 from evomerge.mergekit_coverage import gap
-from evomerge.models import Checkpoint, SourceSet, has_tokenizer, load_model
+from evomerge.models import SourceSet, has_tokenizer, load_model
 from evomerge.recipe import DATAFLOW, EMBED, LM_HEAD, MERGED, NORM, Recipe
 
 MERGE_OUT = "./merge"  # where a PS+DFS route's passthrough config expects model A's merge
@@ -48,15 +48,15 @@ def _setting(layer_value: float, special: list[tuple[str, float]]):
     return [{"filter": name, "value": v} for name, v in special] + [{"value": layer_value}]
 
 
-def _anchor(recipe: Recipe, source_paths: dict[str, str]) -> tuple[Checkpoint, Layout]:
-    """The checkpoint whose layout the config follows (the base, else the first source)."""
+def _anchor(recipe: Recipe, source_paths: dict[str, str]) -> tuple[PretrainedConfig, Layout]:
+    """The config and layout the mergekit config follows (the base's, else the first
+    source's): the exported checkpoint holds exactly the layout's tensors."""
     missing = [n for n in (recipe.base, *recipe.sources) if n is not None and n not in source_paths]
     if missing:
         raise ValueError(f"source_paths: no path for {missing}")
-    ckpt = Checkpoint.open(
-        source_paths[recipe.base if recipe.base is not None else recipe.sources[0]]
-    )
-    return ckpt, Layout.of(ckpt.config)
+    anchor = recipe.base if recipe.base is not None else recipe.sources[0]
+    config = AutoConfig.from_pretrained(source_paths[anchor])
+    return config, Layout.of(config)
 
 
 def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
@@ -113,8 +113,8 @@ def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
 def mergekit_gap(recipe: Recipe, source_paths: dict[str, str]) -> str | None:
     """Why mergekit's merge of `recipe` is not evomerge's (see `mergekit_coverage`); None
     when it is (random methods: up to their random draws)."""
-    ckpt, layout = _anchor(recipe, source_paths)
-    return gap(ckpt.config, layout.parts(ckpt.shapes(), str(ckpt.path)))
+    config, layout = _anchor(recipe, source_paths)
+    return gap(config, layout.params)
 
 
 def mergekit_yaml(recipe: Recipe, source_paths: dict[str, str]) -> str:

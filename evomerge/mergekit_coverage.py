@@ -25,6 +25,11 @@ def gap(config: PretrainedConfig, tensors: Iterable[str]) -> str | None:
             "mergekit is not installed where this was exported, so whether its architecture "
             "table covers every tensor of this checkpoint was not checked"
         )
+    if not config.architectures:
+        return (
+            "the model's config.json names no `architectures`, which mergekit reads to pick "
+            "its architecture table"
+        )
     arch = arch_info_for_config(config)
     if arch is None:
         return (
