@@ -20,29 +20,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from evomerge.cli.zoo import zoo_table
 from evomerge.fitness import Evaluator
 from evomerge.zoo import build_zoo, read_manifest
+from evomerge.zoo.build import HAND_MERGE_WEIGHT, hand_merge
 
 # The floors of tests/test_zoo.py: (expert on its skill, its gain over the base, the merge's
 # gain over the best single model on the skills' mean, the share of each expert's gain that the
 # merge keeps); the stranger's is "no better than the base + 0.05".
 FLOORS = {"test": (0.85, 0.4, 0.1, 0.3), "demo": (0.9, 0.4, 0.1, 0.3)}
-WEIGHTS = {"test": 0.9, "demo": 0.8}  # the hand-set merge weight each size's tests use
-
-
-def task_arithmetic(root: Path, experts: list[str], weight: float) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(root / "base")
-    merged = model.state_dict()
-    base = {k: v.clone() for k, v in merged.items()}
-    with torch.no_grad():
-        for name in experts:
-            expert = AutoModelForCausalLM.from_pretrained(root / name).state_dict()
-            for k, v in merged.items():
-                v += weight * (expert[k] - base[k])
-    return model
 
 
 def margins(root: Path, size: str, weight: float, console: Console) -> dict[str, float]:
@@ -50,7 +38,7 @@ def margins(root: Path, size: str, weight: float, console: Console) -> dict[str,
     manifest = read_manifest(root)
     table = zoo_table(manifest)
     rows, skills = manifest["held_out"], list(manifest["experts"].values())
-    merged = task_arithmetic(root, list(manifest["experts"]), weight)
+    merged = hand_merge(root, weight)
     evaluator = Evaluator([f"zoo:{s}" for s in skills], split="held-out", zoo_dir=root)
     score = evaluator.score(merged, AutoTokenizer.from_pretrained(root / "base"))
     columns = [c.header for c in table.columns][1:-1]
@@ -78,11 +66,11 @@ def margins(root: Path, size: str, weight: float, console: Console) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("demo", "test"), default="demo")
-    parser.add_argument("--weight", type=float, help="task-arithmetic weight (default: the tests')")
+    parser.add_argument("--weight", type=float, default=HAND_MERGE_WEIGHT, help="merge weight")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--keep", action="store_true", help="build into the zoo cache")
     args = parser.parse_args()
-    weight = args.weight if args.weight is not None else WEIGHTS[args.size]
+    weight = args.weight
     console = Console()
     torch.set_num_threads(1)
     spread = Table(title=f"zoo {args.size}: margin of each floor (positive: met), w={weight}")

@@ -1,8 +1,4 @@
-"""The test-size toy zoo, built once into the user cache and reused by every test run.
-
-`task_arithmetic` is a ten-line merge (base + λ·Σ task vectors) for the zoo's own tests;
-the real merge engine is `evomerge.merge`.
-"""
+"""The test-size toy zoo, built once into the user cache and reused by every test run."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from evomerge.zoo import build_zoo
 
@@ -34,16 +30,3 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def task_arithmetic(base: Path, experts: list[Path], weight: float) -> LlamaForCausalLM:
-    """base + weight · Σ (expert − base), tensor by tensor."""
-    model = AutoModelForCausalLM.from_pretrained(base)
-    merged = model.state_dict()
-    start = {k: v.clone() for k, v in merged.items()}
-    for path in experts:
-        expert = AutoModelForCausalLM.from_pretrained(path).state_dict()
-        with torch.no_grad():
-            for k, v in merged.items():
-                v += weight * (expert[k] - start[k])
-    return model.eval()

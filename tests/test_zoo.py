@@ -23,7 +23,6 @@ from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.taskdata import eval_pairs, excluded
 from evomerge.zoo.tokenizer import UNK_ID, VOCAB, build_tokenizer, encode
 from evomerge.zoo.train import Job, Shape, make_batch, train
-from tests.fixtures_zoo import task_arithmetic
 
 MODEL_FILES = (
     "config.json",
@@ -108,8 +107,7 @@ def test_task_arithmetic_of_the_experts_beats_every_model(zoo_dir: Path) -> None
     manifest = read_manifest(zoo_dir)
     skills = list(manifest["experts"].values())
     table = manifest["held_out"]
-    experts = [zoo_dir / name for name in manifest["experts"]]
-    merged = task_arithmetic(zoo_dir / "base", experts, weight=0.9)
+    merged = zoo_build.hand_merge(zoo_dir)
     evaluator = Evaluator([f"zoo:{s}" for s in skills], split="held-out", zoo_dir=zoo_dir)
     score = evaluator.score(merged, AutoTokenizer.from_pretrained(zoo_dir / "base"))
     best_single = max(skills_mean(row, skills) for row in table.values())
@@ -251,7 +249,7 @@ def test_demo_zoo_meets_its_floors(tmp_path: Path) -> None:
         assert table[expert][skill] >= 0.9, (expert, table[expert])
         assert table[expert][skill] - table["base"][skill] >= 0.4
         assert table["stranger"][skill] <= 0.5
-    merged = task_arithmetic(root / "base", [root / e for e in manifest["experts"]], 0.8)
+    merged = zoo_build.hand_merge(root)
     evaluator = Evaluator([f"zoo:{s}" for s in skills], split="held-out", zoo_dir=root)
     score = evaluator.score(merged, AutoTokenizer.from_pretrained(root / "base"))
     assert score.fitness > max(skills_mean(row, skills) for row in table.values()) + 0.1
