@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 
 import optuna
@@ -26,6 +25,7 @@ from evomerge.config import StudyConfig
 from evomerge.coordinator import REASKED, RERUN_OF, Coordinator
 from evomerge.killpoints import ENV, KILL_POINTS
 from storage import Store
+from tests.test_coordinator import _evomerge as start_evomerge
 from tests.test_dataflow_study import PS_DFS
 
 STUDY = """
@@ -95,14 +95,7 @@ def test_resume_repairs_a_trial_asked_outside_evomerge(zoo_dir, store):
 
 
 def _evomerge(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_evomerge(*args, env=env)
     try:
         out, _ = proc.communicate(timeout=420)
     finally:
