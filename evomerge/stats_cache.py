@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from platformdirs import user_cache_dir
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from evomerge.cachedir import cache_root
 from evomerge.tensor_stats import GRID, TensorStats
 
 FORMAT = 1  # bump when the statistics or their layout change
@@ -26,7 +26,7 @@ SAMPLE = 4096  # bytes read from the middle of every tensor for the key
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EVOMERGE_CACHE") or user_cache_dir("evomerge")) / "stats"
+    return cache_root() / "stats"
 
 
 def content_key(files: Sequence[Sequence[Path]], store: torch.dtype, device: torch.device) -> str:

@@ -175,14 +175,22 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def family_sources(family: Family) -> SourceSet:
+    """A family loaded as a SourceSet: base "base", sources "a", "b", "c"."""
+    return SourceSet.load(family.base, family.sources, names=NAMES, base_name="base")
+
+
+def family_states(family: Family) -> dict[str, dict[str, torch.Tensor]]:
+    """A family's checkpoints as state dicts, by model name."""
+    folders = dict(zip(NAMES, family.sources, strict=True)) | {"base": family.base}
+    return {name: load_state(folder) for name, folder in folders.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_sources(tiny_family) -> SourceSet:
-    """`tiny_family` loaded as a SourceSet: base "base", sources "a", "b", "c"."""
-    return SourceSet.load(tiny_family.base, tiny_family.sources, names=NAMES, base_name="base")
+    return family_sources(tiny_family)
 
 
 @pytest.fixture(scope="session")
 def tiny_states(tiny_family) -> dict[str, dict[str, torch.Tensor]]:
-    """The checkpoints of `tiny_family` as state dicts, by model name."""
-    folders = dict(zip(NAMES, tiny_family.sources, strict=True)) | {"base": tiny_family.base}
-    return {name: load_state(folder) for name, folder in folders.items()}
+    return family_states(tiny_family)

@@ -13,7 +13,14 @@ from evomerge.export import export_checkpoint
 from evomerge.merge import METHODS
 from evomerge.models import SourceSet
 from evomerge.recipe import EMBED, LM_HEAD, NORM, DataFlow
-from tests.fixtures_models import MORE, NAMES, Family, load_state, make_family
+from tests.fixtures_models import (
+    MORE,
+    Family,
+    family_sources,
+    family_states,
+    load_state,
+    make_family,
+)
 from tests.test_export import run_mergekit
 from tests.test_merge_methods import assert_same, mergekit_merge, ours, recipe_for
 
@@ -27,13 +34,12 @@ def family(request, tmp_path_factory) -> Family:
 
 @pytest.fixture(scope="module")
 def sources(family) -> SourceSet:
-    return SourceSet.load(family.base, family.sources, names=NAMES, base_name="base")
+    return family_sources(family)
 
 
 @pytest.fixture(scope="module")
 def states(family) -> dict[str, dict[str, torch.Tensor]]:
-    folders = dict(zip(NAMES, family.sources, strict=True)) | {"base": family.base}
-    return {name: load_state(folder) for name, folder in folders.items()}
+    return family_states(family)
 
 
 def test_groups_come_from_the_model(family, sources, states):

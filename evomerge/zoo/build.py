@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import tempfile
 import time
@@ -33,8 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from platformdirs import user_cache_dir
-
+from evomerge.cachedir import cache_root
 from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.taskdata import eval_pairs, excluded, write_tasks
 from evomerge.zoo.train import TEXT, Job, Shape, train
@@ -127,8 +125,7 @@ def version(size: Size, seed: int = 0) -> str:
 
 def default_zoo_dir(size: Size = "demo", seed: int = 0) -> Path:
     """Where `build_zoo(size)` caches its zoo: `$EVOMERGE_CACHE` or the user cache dir."""
-    cache = os.environ.get("EVOMERGE_CACHE") or user_cache_dir("evomerge")
-    return Path(cache) / "zoo" / f"{size}-{version(size, seed)}"
+    return cache_root() / "zoo" / f"{size}-{version(size, seed)}"
 
 
 def resolve_model(ref: str, zoo_dir: Path | None = None) -> Path:
