@@ -53,3 +53,66 @@ def build(
         raise fail(str(e), 2) from e
     console.print(zoo_table(read_manifest(root)))
     console.print(f"zoo: {root}")
+
+
+def _named(refs: list[str], zoo: str) -> dict[str, Path]:
+    """`NAME=PATH`, `zoo:NAME` or a folder (named by its folder name) → {name: folder}."""
+    from evomerge.zoo import default_zoo_dir, resolve_model
+
+    out: dict[str, Path] = {}
+    for ref in refs:
+        name, sep, where = ref.partition("=")
+        if not sep:
+            where = ref
+            name = ref[4:] if ref.startswith("zoo:") else Path(ref).name
+        if name in out:
+            raise ValueError(f"model name {name!r} given twice; name them NAME=PATH")
+        out[name] = resolve_model(where, default_zoo_dir(zoo))  # type: ignore[arg-type]
+    return out
+
+
+def similarity_table(result: Any) -> Table:
+    """The similarity matrix, one row a model, with its cluster."""
+    cluster_of = {n: i + 1 for i, c in enumerate(result.clusters) for n in c}
+    table = Table(
+        "model",
+        "cluster",
+        *result.names,
+        title=f"weight similarity (mean column cosine), clusters at {result.threshold}",
+        caption="-: cannot merge (see the reasons below)",
+    )
+    for name, row in zip(result.names, result.matrix, strict=True):
+        table.add_row(name, str(cluster_of[name]), *("-" if v is None else f"{v:.3f}" for v in row))
+    return table
+
+
+@zoo_app.command("analyse")
+def analyse(
+    models: Annotated[list[str], typer.Argument(help="NAME=PATH, zoo:NAME or a model folder")],
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="similarity that joins a cluster, in (0, 1]")
+    ] = 0.95,
+    zoo: Annotated[
+        Literal["demo", "test"], typer.Option("--zoo", help="zoo size that zoo: refs name")
+    ] = "demo",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Cluster models by weight similarity (Model-GLUE): which can merge, and why not."""
+    import json
+
+    from evomerge.kinship import analyse as run_analysis
+    from evomerge.kinship import check_threshold
+
+    try:
+        check_threshold(threshold)
+        result = run_analysis(_named(models, zoo), threshold)
+    except (OSError, ValueError) as e:
+        raise fail(str(e), 2) from e
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    console.print(similarity_table(result))
+    for i, cluster in enumerate(result.clusters):
+        console.print(f"cluster {i + 1}: {', '.join(cluster)}")
+    for name, why in result.apart().items():
+        console.print(f"[yellow]{name}[/] stands apart: {why}")
