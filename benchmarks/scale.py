@@ -15,8 +15,9 @@ Each row runs in a fresh process; the first with an empty statistics cache:
   which are the page cache's and turn shared as soon as a second worker maps them.
 - floors (no evaluation runs here, so its working set is 0): host <= 1.15 x the candidate's
   bytes; device <= 1.1 x (the sources' checkpoint bytes + the candidate's).
-- two workers: two host processes alive at once, each loaded with a candidate and one build;
-  the sum of their anonymous memory against one copy of the sources.
+- two workers: two `CandidateWorker`s in Ray actors on this node, host placement, each
+  after one trial (build and evaluation); the sum of their anonymous memory against one copy
+  of the sources.
 - build: median seconds per method, against two references: `stream`, the same path
   without the merge (every tensor's float32 base and task vectors formed from the
   placement's weights, the base written into the candidate), and `copy`, the copy reference
@@ -53,7 +54,10 @@ HOST_FLOOR, DEVICE_FLOOR = 1.15, 1.1
 
 
 def write_checkpoints(root: Path, shape: dict) -> Path:
-    """Base N(0, 0.02) (unit norms), sources base + N(0, 0.002), bf16, sharded; once."""
+    """Base N(0, 0.02) (unit norms), sources base + N(0, 0.002), bf16, sharded, with the
+    zoo's tokenizer (a worker scores zoo tasks with it); once."""
+    from evomerge.zoo.tokenizer import build_tokenizer
+
     if (root / "done").exists():
         return root
     config = MistralConfig(**shape, **MISTRAL, tie_word_embeddings=False)
@@ -63,6 +67,7 @@ def write_checkpoints(root: Path, shape: dict) -> Path:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(folder)
+        build_tokenizer().save_pretrained(folder)
         shards: list[dict[str, torch.Tensor]] = [{}]
         for k, s in shapes.items():
             base = torch.randn(s, generator=torch.Generator().manual_seed(hash(k) % 2**31)) * 0.02
@@ -157,56 +162,70 @@ def measure(root: Path, placement: str, trials: int) -> dict:
     return out
 
 
-def _command(root: Path, placement: str, trials: int, hold: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--dir", str(root), "--child", placement]
-    return [*cmd, "--trials", str(trials), *(["--hold"] if hold else [])]
-
-
 def child(root: Path, placement: str, trials: int, cache: Path) -> dict:
     env = os.environ | {"EVOMERGE_CACHE": str(cache)}
-    cmd = _command(root, placement, trials)
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--dir", str(root), "--child", placement]
+    cmd += ["--trials", str(trials)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+class MeasuredWorker:
+    """The service's `CandidateWorker` in a Ray actor, with the actor's memory before it."""
+
+    def __init__(self, spec) -> None:
+        from workers.actor import CandidateWorker
+
+        self.before = memory()
+        self.worker = CandidateWorker(spec)
+
+    def evaluate(self, recipe_json: str) -> tuple[dict[str, int], int, str | None]:
+        """One trial; (memory before the worker, pid, the trial's error)."""
+        return self.before, os.getpid(), self.worker.evaluate(recipe_json).error
+
+
 def pair(root: Path, cache: Path) -> dict:
-    """Two host workers alive at once (each loaded, with a candidate, after one build): their
-    memory above their own start while both are alive. They map the same files, so the
-    checkpoint pages are shared and neither counts them as private."""
-    env = os.environ | {"EVOMERGE_CACHE": str(cache)}
-    procs = [
-        subprocess.Popen(
-            _command(root, "host", 0, hold=True),
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    reports = [json.loads(p.stdout.readline()) for p in procs]  # both loaded and built
-    now = [
-        usage(memory(p.pid), r["before"], r["params"]) for p, r in zip(procs, reports, strict=True)
-    ]
-    for p in procs:
-        p.stdin.close()
-        p.wait()
-    return {k: [u[k] for u in now] for k in ("anonymous", "private")}
+    """Two host workers as a study runs them: `CandidateWorker`s in two Ray actors on this
+    node, each loaded and after one dare_ties trial (a build and a zoo:add evaluation). Their
+    memory above their own start is read while both are alive: they map the same files, so
+    the checkpoint pages are the page cache's and neither counts them as its own."""
+    import ray
 
-
-def hold(root: Path) -> None:
-    """`--hold`: one host worker that loads, builds once, reports and waits for stdin."""
     from benchmarks.merge_build import recipe
-    from evomerge.merge import build
+    from evomerge.zoo import build_zoo
+    from workers.actor import WorkerSpec
 
-    m0 = memory()
-    sources = load(root, "host")
-    model = sources.new_model("bfloat16")
-    r = recipe("dare_ties", sources.groups(1), "base").model_copy(update={"dtype": "bfloat16"})
-    build(r, sources, model)
-    print(json.dumps({"params": sum(e.numel for e in sources.entries), "before": m0}), flush=True)
-    sys.stdin.read()
+    spec = WorkerSpec(
+        base="base",
+        base_path=str(root / "base"),
+        sources=SOURCES,
+        source_paths=tuple(str(root / s) for s in SOURCES),
+        tasks=("zoo:add",),
+        weights=(1.0,),
+        limit=8,
+        heldout_limit=8,
+        zoo_dir=str(build_zoo("test", progress=False)),
+        dtype="bfloat16",
+        torch_threads=1,
+        placement="host",
+        workers=2,
+    )
+    groups = load(root, "host").groups(1)
+    trial = recipe("dare_ties", groups, "base").model_copy(update={"dtype": "bfloat16"})
+    env = {"env_vars": {"EVOMERGE_CACHE": str(cache), "PYTHONPATH": os.getcwd()}}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=1)(MeasuredWorker)
+        workers = [actor.remote(spec) for _ in range(2)]
+        reports = ray.get([w.evaluate.remote(trial.to_json()) for w in workers])
+        errors = [e for _, _, e in reports if e]
+        if errors:
+            raise RuntimeError(f"a worker's trial failed: {errors}")
+        n = sum(e.numel for e in load(root, "host").entries)
+        now = [usage(memory(pid), before, n) for before, pid, _ in reports]
+    finally:
+        ray.shutdown()
+    return {k: [u[k] for u in now] for k in ("anonymous", "private")}
 
 
 def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
@@ -262,12 +281,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--child", choices=("device", "host"))
-    ap.add_argument("--hold", action="store_true")
     args = ap.parse_args()
     root = args.dir or Path(tempfile.gettempdir()) / f"evomerge-scale-{args.size}"
-    if args.hold:
-        hold(root)
-        return
     if args.child:
         print(json.dumps(measure(root, args.child, args.trials)))
         return
