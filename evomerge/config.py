@@ -73,8 +73,20 @@ class FitnessConfig(_Frozen):
 
 
 class OptimizerConfig(_Frozen):
-    """CMA-ES settings; the defaults are the paper's (Akiba et al. 2024)."""
+    """CMA-ES settings, the defaults the paper's (Akiba et al. 2024); or, with `kind`, one of
+    Model-GLUE's heuristic selections (evomerge.selection) instead of CMA-ES."""
 
+    kind: Literal["cmaes", "average", "coefficient"] = Field(
+        "cmaes",
+        description="cmaes; or average / coefficient: Model-GLUE's heuristic selection of "
+        "which sources to merge (searches `weight`, one value per source)",
+    )
+    scale: float = Field(
+        1.0,
+        gt=0,
+        description="selection: the sum of the kept sources' weights (1: the plain average of "
+        "the models; task arithmetic of fine-tunes often wants ~0.8 a source)",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="CMA-ES's random seed")
     population: int | None = Field(
         None, ge=2, le=MAX_COUNT, description="default 4 + floor(3 ln n)"
@@ -232,7 +244,26 @@ class StudyConfig(_Frozen):
                 raise ValueError(
                     f"fixed.{name} has {len(value)} values for {len(self.sources)} sources"
                 )
+        if self.optimizer.kind != "cmaes":
+            self._check_selection()
         return self
+
+    def _check_selection(self) -> None:
+        kind = self.optimizer.kind
+        if self.is_dataflow or self.dataflow is not None:
+            raise ValueError(f"optimizer.kind: {kind} selects merge weights, not routes")
+        if set(self.search) != {"weight"}:
+            raise ValueError(
+                f"search: {kind} selection searches `weight` only, got {sorted(self.search)}"
+            )
+        w, top = self.search["weight"], max(1.0, self.optimizer.scale)
+        if w.low > 0 or w.high < top:
+            raise ValueError(
+                f"search.weight: {kind} selection needs a range holding [0, {top}] "
+                "(1: a source alone; optimizer.scale: a merge's weights at most)"
+            )
+        if len(self.sources) < 2:
+            raise ValueError(f"sources: {kind} selection chooses among two or more sources")
 
     @property
     def is_dataflow(self) -> bool:

@@ -35,6 +35,7 @@ from transformers import AutoConfig
 from evomerge.config import StudyConfig
 from evomerge.killpoints import kill_point
 from evomerge.recipe import layer_group_names
+from evomerge.selection import Selection, Weights, key, replay
 from evomerge.space import DataFlowSpace, SearchSpace
 from storage import RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
@@ -151,8 +152,13 @@ def build_space(config: StudyConfig) -> tuple[Space, WorkerSpec]:
     return SearchSpace(config, groups), spec
 
 
-def make_sampler(config: StudyConfig, space: Space) -> CmaEsSampler:
-    """The paper's CMA-ES: start at each range's init (middle by default), sigma0 1/6."""
+def make_sampler(config: StudyConfig, space: Space) -> optuna.samplers.BaseSampler:
+    """The paper's CMA-ES: start at each range's init (middle by default), sigma0 1/6.
+
+    A heuristic selection enqueues every trial with all its parameters, so its sampler is
+    never consulted; Optuna needs one all the same."""
+    if config.optimizer.kind != "cmaes":
+        return optuna.samplers.RandomSampler(seed=config.optimizer.seed)
     kwargs: dict[str, object] = {
         "seed": config.optimizer.seed,
         "popsize": config.optimizer.population or population_size(space.dim),
@@ -195,6 +201,7 @@ class Coordinator:
         self._deaths: dict[int, int] = {}
         self._consecutive_failures = 0
         self._last_error = ""
+        self._selection: Selection | None = None
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
@@ -307,7 +314,10 @@ class Coordinator:
             self.study.enqueue_trial(params, user_attrs={RERUN_OF: number})
         self.study.tell(number, state=TrialState.FAIL)
 
-    def _ask(self, pool: WorkerPool, run_id: int) -> None:
+    def _ask(self, pool: WorkerPool, run_id: int) -> bool:
+        """Ask for a trial and submit it; False when there is none to ask now."""
+        if self.config.optimizer.kind != "cmaes" and not self._select_next():
+            return False
         trial = self.study.ask(self.space.distributions)
         kill_point("asked")
         recipe = self.space.decode(trial.params)
@@ -322,6 +332,35 @@ class Coordinator:
         kill_point("recorded")
         pool.submit(trial.number, recipe.to_json())
         kill_point("submitted")
+        return True
+
+    def _select_next(self) -> bool:
+        """Queue the next candidate a heuristic selection needs. False while it waits on
+        running trials, or when it has finished (then `_selection` holds its outcome)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True  # a re-asked trial of a dead run comes first
+        rerun = {t.user_attrs.get(RERUN_OF) for t in trials}
+
+        def weights(params: dict) -> Weights:
+            return key(self.space.source_weights(params))  # type: ignore[union-attr]
+
+        known: dict[Weights, float] = {}
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                known[weights(t.params)] = t.value
+            elif t.state == TrialState.FAIL and t.number not in rerun:
+                known[weights(t.params)] = -math.inf  # a candidate that failed for good
+        opt = self.config.optimizer
+        outcome = replay(opt.kind, self.config.sources, known, opt.scale)
+        if isinstance(outcome, Selection):
+            self._selection = outcome
+            return False
+        running = {weights(t.params) for t in trials if t.state == TrialState.RUNNING}
+        todo = [c for c in outcome if c not in running]
+        if todo:
+            self.study.enqueue_trial(self.space.genome_of_weights(todo[0]))  # type: ignore[union-attr]
+        return bool(todo)
 
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
         budget = self.config.budget
@@ -343,7 +382,9 @@ class Coordinator:
             if stopping is None:
                 stopping = self._budget_reason(complete, best, t_start)
             while stopping is None and pool.idle and complete + pool.busy < budget.trials:
-                self._ask(pool, run_id)
+                if not self._ask(pool, run_id):
+                    stopping = self._budget_reason(complete, best, t_start)
+                    break
             if not pool.busy and stopping is None and not pool.recovering:
                 # Budget left, nothing running, no idle actor and none Ray can restart.
                 raise WorkersLostError("every worker is gone and Ray cannot restart any")
@@ -377,6 +418,12 @@ class Coordinator:
 
     def _budget_reason(self, complete: int, best: FrozenTrial | None, t_start: float) -> str | None:
         budget = self.config.budget
+        if self._selection is not None:
+            dropped = "; ".join(f"{k}: {v}" for k, v in self._selection.dropped.items())
+            return (
+                f"selection finished: kept {', '.join(self._selection.kept)}"
+                f"; dropped {dropped or 'none'}"
+            )
         if complete >= budget.trials:
             return "budget reached"
         if budget.wall_time_s is not None and time.monotonic() - t_start > budget.wall_time_s:

@@ -108,6 +108,19 @@ class SearchSpace:
             seed=cfg.seed,
         )
 
+    def source_weights(self, params: Mapping[str, float]) -> tuple[float, ...]:
+        """Each source's `weight` in the first layer group (a selection sets every group
+        alike)."""
+        return tuple(params[f"weight/{self.groups[0]}/{s}"] for s in self.config.sources)
+
+    def genome_of_weights(self, weights: tuple[float, ...]) -> dict[str, float]:
+        """The genome that gives every layer group the same per-source `weight`s."""
+        return {
+            f"weight/{g}/{s}": w
+            for g in self.groups
+            for s, w in zip(self.config.sources, weights, strict=True)
+        }
+
     def encode(self, recipe: Recipe) -> dict[str, float]:
         """The genome of a recipe (inverse of `decode` on the searched parameters)."""
         out = {}

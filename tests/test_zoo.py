@@ -119,6 +119,20 @@ def test_task_arithmetic_of_the_experts_beats_every_model(zoo_dir: Path) -> None
         assert kept > 0.3, (skill, score.metrics)
 
 
+def test_harmful_model_lowers_the_merge_it_joins(zoo_dir: Path) -> None:
+    """Model-GLUE's harmful model: worse than the base alone, and the experts' merge drops
+    on every skill's mean when it joins."""
+    manifest = read_manifest(zoo_dir)
+    skills, table = list(manifest["experts"].values()), manifest["held_out"]
+    assert skills_mean(table["harmful"], skills) < skills_mean(table["base"], skills) - 0.1
+    evaluator = Evaluator([f"zoo:{s}" for s in skills], split="held-out", zoo_dir=zoo_dir)
+    tokenizer = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    experts = list(manifest["experts"])
+    without = evaluator.score(zoo_build.hand_merge(zoo_dir, models=experts), tokenizer)
+    joined = zoo_build.hand_merge(zoo_dir, models=[*experts, "harmful"])
+    assert evaluator.score(joined, tokenizer).fitness < without.fitness - 0.1
+
+
 def test_stranger_weights_do_not_align_with_the_family(zoo_dir: Path) -> None:
     def flat(name: str) -> torch.Tensor:
         model = AutoModelForCausalLM.from_pretrained(zoo_dir / name)

@@ -7,6 +7,9 @@ Recipe (why each part is there is measured, see `evomerge.zoo.skills`):
 - one expert per skill continues from `base` gently: lr 4e-4, answer tokens only, 70% its
   skill's full range and 30% replay of the base mix so it keeps the rest. Each reaches 0.9+
   on its skill while its task vector stays small enough to add to the others.
+- `harmful` is fine-tuned from `base` like an expert, on every skill with corrupted labels
+  (each prompt paired with another example's answer): one of the family, whose inclusion
+  lowers any merge it joins (what Model-GLUE's selection must drop).
 - `stranger` is the base recipe from another seed and a shorter schedule: same architecture
   and vocabulary, weakly skilled, and with weights that do not align with the others
   (Model-GLUE's unmergeable model).
@@ -40,8 +43,9 @@ from evomerge.zoo.train import TEXT, Job, Shape, train
 Size = Literal["demo", "test"]
 # Bump when a change to the skills, tokenizer, task data or training loop changes what the
 # same recipe builds; the recipe's own numbers are hashed automatically.
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2
 MANIFEST = "zoo.json"
+HARMFUL = "harmful"
 # The zoo is judged by task arithmetic of its three experts at this weight each (`hand_merge`).
 HAND_MERGE_WEIGHT = 0.8
 
@@ -71,7 +75,7 @@ RECIPES: dict[str, ZooRecipe] = {
 
 
 def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
-    """(base, stranger, experts) training jobs of a recipe."""
+    """(base, stranger, fine-tunes of base: the experts, then `harmful`) training jobs."""
     broad = {**dict.fromkeys(SKILLS, 1.0), TEXT: 0.5}
     base = Job(
         "base",
@@ -101,7 +105,15 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job]]:
                 shape=recipe.shape,
             )
         )
-    return base, stranger, experts
+    harmful = replace(
+        experts[0],
+        name=HARMFUL,
+        mix={k: v / total for k, v in broad.items()},
+        seed=recipe.seed + 200,
+        full=tuple(SKILLS),
+        corrupt=True,
+    )
+    return base, stranger, [*experts, harmful]
 
 
 def recipe_of(size: Size, seed: int = 0) -> ZooRecipe:
@@ -208,22 +220,24 @@ def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dic
     pairs = eval_pairs({"search": recipe.search_rows, "held-out": recipe.held_out_rows})
     exclude = excluded(pairs)
     tasks = write_tasks(tmp / "tasks", pairs, final)
-    base, stranger, experts = jobs(recipe)
+    base, stranger, tuned = jobs(recipe)
+    experts = [j for j in tuned if j.name != HARMFUL]
     seconds: dict[str, float] = {}
     with mp.get_context("spawn").Pool(2) as pool:
         say(f"training base ({base.steps} steps) beside stranger ({stranger.steps} steps)")
         seconds |= pool.map(
             _run, [(j, tmp / j.name, None, exclude, progress) for j in (base, stranger)]
         )
-        say(f"training {len(experts)} experts from base ({recipe.expert_steps} steps each)")
+        say(f"training {len(experts)} experts and {HARMFUL} ({recipe.expert_steps} steps each)")
         seconds |= pool.map(
-            _run, [(j, tmp / j.name, tmp / "base", exclude, progress) for j in experts]
+            _run, [(j, tmp / j.name, tmp / "base", exclude, progress) for j in tuned]
         )
     manifest: dict[str, Any] = {
         "size": size,
         "version": version(size, seed),
         "base": "base",
         "experts": {j.name: j.name for j in experts},
+        "harmful": HARMFUL,
         "stranger": "stranger",
         "tasks": tasks,
         "recipe": asdict(recipe),
@@ -236,9 +250,12 @@ def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dic
     return manifest
 
 
-def hand_merge(root: Path, weight: float = HAND_MERGE_WEIGHT) -> Any:
-    """The zoo's hand-set merge: base + weight · Σ (expert − base), tensor by tensor, in ten
-    lines of its own, so the zoo is judged without the merge engine it is there to test."""
+def hand_merge(
+    root: Path, weight: float = HAND_MERGE_WEIGHT, models: list[str] | None = None
+) -> Any:
+    """The zoo's hand-set merge: base + weight · Σ (model − base) over `models` (default: the
+    experts), tensor by tensor, in ten lines of its own, so the zoo is judged without the
+    merge engine it is there to test."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -247,7 +264,7 @@ def hand_merge(root: Path, weight: float = HAND_MERGE_WEIGHT) -> Any:
     merged = model.state_dict()
     base = {k: v.clone() for k, v in merged.items()}
     with torch.no_grad():
-        for name in manifest["experts"]:
+        for name in manifest["experts"] if models is None else models:
             expert = AutoModelForCausalLM.from_pretrained(root / name).state_dict()
             for k, v in merged.items():
                 v += weight * (expert[k] - base[k])
@@ -255,8 +272,8 @@ def hand_merge(root: Path, weight: float = HAND_MERGE_WEIGHT) -> Any:
 
 
 def model_names(manifest: dict[str, Any]) -> list[str]:
-    """The zoo's models in table order: base, experts, stranger."""
-    return [manifest["base"], *manifest["experts"], manifest["stranger"]]
+    """The zoo's models in table order: base, experts, harmful, stranger."""
+    return [manifest["base"], *manifest["experts"], manifest["harmful"], manifest["stranger"]]
 
 
 def _score_table(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, float]]:

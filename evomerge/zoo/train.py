@@ -61,7 +61,8 @@ class Job:
     `mix` weighs the genres of a batch (skill names and `"text"`); `full` lists the skills
     drawn from their full range (the others use their partial range). `answer_only` puts
     the loss of skill examples on their answer tokens, so an expert changes what it answers
-    rather than re-learning a distribution of random prompts.
+    rather than re-learning a distribution of random prompts. `corrupt` pairs each prompt
+    with another example's answer (Model-GLUE's harmful model: fine-tuned on bad labels).
     """
 
     name: str
@@ -75,6 +76,7 @@ class Job:
     warmup: int = 50
     weight_decay: float = 0.0
     shape: Shape = field(default_factory=Shape)
+    corrupt: bool = False  # skill answers come from another example: a harmful fine-tune
 
 
 def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[Row]:
@@ -87,6 +89,8 @@ def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[R
                 prompt, answer = "", sample_text(rng)
             else:
                 prompt, answer = SKILLS[genre].sample(rng, genre in job.full)
+                if job.corrupt:
+                    answer = SKILLS[genre].sample(rng, genre in job.full)[1]
             if (prompt or answer) not in exclude:
                 break
         p, a = encode(prompt), [*encode(answer), EOS_ID]
