@@ -87,6 +87,16 @@ class OptimizerConfig(_Frozen):
         description="selection: the sum of the kept sources' weights (1: the plain average of "
         "the models; task arithmetic of fine-tunes often wants ~0.8 a source)",
     )
+    evolve: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_COUNT,
+        description="after a selection: trials of CMA-ES over per-source weights, starting "
+        "from the selection's, where a weight below 0 leaves its source out (study NAME-evolve)",
+    )
+    start: tuple[float, ...] | None = Field(
+        None, description="set by evomerge: the selection's weights, where CMA-ES starts"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="CMA-ES's random seed")
     population: int | None = Field(
         None, ge=2, le=MAX_COUNT, description="default 4 + floor(3 ln n)"
@@ -246,10 +256,40 @@ class StudyConfig(_Frozen):
                 )
         if self.optimizer.kind != "cmaes":
             self._check_selection()
+        elif self.optimizer.evolve is not None:
+            raise ValueError("optimizer.evolve: follows a selection (kind average or coefficient)")
+        elif self.optimizer.start is not None and (
+            set(self.search) != {"weight"} or len(self.optimizer.start) != len(self.sources)
+        ):
+            raise ValueError("optimizer.start: one weight a source, and only `weight` searched")
         return self
+
+    @property
+    def evolve_next(self) -> bool:
+        """Whether an evolutionary stage follows this study (a selection with `evolve`)."""
+        return self.optimizer.kind != "cmaes" and self.optimizer.evolve is not None
+
+    def evolve_stage(self, weights: tuple[float, ...]) -> StudyConfig:
+        """Model-GLUE's evolutionary selection, warm-started: the study `<name>-evolve`,
+        CMA-ES over per-source weights starting at `weights` (a selection's result); a weight
+        below 0 leaves its source out, so the range gains an off zone below 0."""
+        assert self.optimizer.evolve is not None
+        high = self.search["weight"].high
+        return self.model_copy(
+            update={
+                "name": f"{self.name}-evolve",
+                "search": {"weight": Bounds(low=-high / 4, high=high)},
+                "optimizer": self.optimizer.model_copy(
+                    update={"kind": "cmaes", "evolve": None, "start": tuple(weights)}
+                ),
+                "budget": self.budget.model_copy(update={"trials": self.optimizer.evolve}),
+            }
+        )
 
     def _check_selection(self) -> None:
         kind = self.optimizer.kind
+        if self.optimizer.start is not None:
+            raise ValueError("optimizer.start: set by evomerge for the evolve stage only")
         if self.is_dataflow or self.dataflow is not None:
             raise ValueError(f"optimizer.kind: {kind} selects merge weights, not routes")
         if set(self.search) != {"weight"}:

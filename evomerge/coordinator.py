@@ -197,6 +197,9 @@ class Coordinator:
             load_if_exists=True,
         )
         self._study_id = self.optuna_storage.get_study_id_from_name(config.name)
+        if config.optimizer.start is not None and not self.study.get_trials(deepcopy=False):
+            # an evolve stage first re-scores where it starts: the selection's merge
+            self.study.enqueue_trial(self.space.initial_params())
         self._trials: dict[int, optuna.trial.Trial] = {}
         self._deaths: dict[int, int] = {}
         self._consecutive_failures = 0

@@ -59,7 +59,8 @@ class SearchSpace:
     @property
     def custom_start(self) -> bool:
         """Whether CMA-ES must start elsewhere than the middle of every range."""
-        return any(b.init is not None for b in self.config.search.values())
+        start = self.config.optimizer.start is not None
+        return start or any(b.init is not None for b in self.config.search.values())
 
     def _keys(self, name: str) -> list[str]:
         """Optuna parameter names of one merge parameter, e.g. `weight/layers.0/zoo:arith`."""
@@ -72,7 +73,10 @@ class SearchSpace:
         return len(self.distributions)
 
     def initial_params(self) -> dict[str, float]:
-        """CMA-ES's starting mean: each range's `init`, else its middle (the paper's 0.5)."""
+        """CMA-ES's starting mean: an evolve stage's `optimizer.start`, else each range's
+        `init`, else its middle (the paper's 0.5)."""
+        if self.config.optimizer.start is not None:
+            return self.genome_of_weights(self.config.optimizer.start)
         out = {}
         for name, bounds in self.config.search.items():
             init = bounds.init if bounds.init is not None else (bounds.low + bounds.high) / 2
@@ -87,6 +91,8 @@ class SearchSpace:
         for name, spec in self._specs.items():
             if name in cfg.search:
                 flat = [float(params[k]) for k in self._keys(name)]
+                if name == "weight" and cfg.optimizer.start is not None:
+                    flat = [max(w, 0.0) for w in flat]  # an evolve stage's off zone
                 width = n_src if spec.per_source else 1
                 rows = [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
             else:

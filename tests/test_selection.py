@@ -107,6 +107,8 @@ def test_selection_study_drops_the_harmful_model(zoo_dir, ray_local, store) -> N
         ("high: 1.6", "high: 1.2", r"holding \[0, 1.6\]"),
         ("kind: average", "kind: greedy", "optimizer.kind"),
         ("scale: 1.6", "scale: 0", "optimizer.scale"),
+        ("scale: 1.6", "scale: 1.6, start: [1, 0, 1]", "optimizer.start: set by evomerge"),
+        ("kind: average, scale: 1.6", "evolve: 3", "optimizer.evolve: follows a selection"),
     ],
 )
 def test_selection_config_errors(old: str, new: str, error: str) -> None:
@@ -116,25 +118,34 @@ def test_selection_config_errors(old: str, new: str, error: str) -> None:
         StudyConfig.from_yaml(text.replace(old, new))
 
 
+def _kill_when(proc, store: Store, study: str, trials: int) -> None:
+    """SIGKILL the CLI once `study` has `trials` trials in the store."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if store.get_study(study, missing_ok=True) and len(store.trials(study)) >= trials:
+            break
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3.5)  # the dead run's heartbeat goes stale
+
+
 @pytest.mark.slow
-def test_selection_resumes_after_sigkill(zoo_dir, tmp_path) -> None:
-    """SIGKILL a coordinator mid-selection; the resumed run ends with the same selection and
-    scores no candidate twice."""
+def test_selection_then_evolution_resumes_after_sigkill_in_each_stage(zoo_dir, tmp_path) -> None:
+    """Heuristic then evolutionary selection through the CLI, SIGKILLed once in each stage:
+    the selection ends as an uninterrupted one would, scoring no candidate twice, and the
+    evolve stage starts where the selection ended and never does worse."""
     url = f"sqlite:///{tmp_path / 'select.db'}"
     cfg_path = tmp_path / "select.yaml"
-    cfg_path.write_text(SELECT.format(name="sel", kind="coefficient", trials=40))
+    text = SELECT.format(name="sel", kind="coefficient", trials=40)
+    cfg_path.write_text(text.replace("scale: 1.6}", "scale: 1.6, evolve: 6}"))
     env = {**os.environ, "EVOMERGE_STORAGE": url, "COLUMNS": "300"}
     store = Store(url)
     store.migrate()
     proc = _evomerge("run", str(cfg_path), env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if store.get_study("sel", missing_ok=True) and len(store.trials("sel")) >= 6:
-            break
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3.5)  # the dead run's heartbeat goes stale
+    _kill_when(proc, store, "sel", 6)
+    proc = _evomerge("resume", "sel", env=env)
+    _kill_when(proc, store, "sel-evolve", 2)
     proc = _evomerge("resume", "sel", env=env)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
@@ -143,3 +154,9 @@ def test_selection_resumes_after_sigkill(zoo_dir, tmp_path) -> None:
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     assert len({key(t.params.values()) for t in done}) == len(done)
     assert len(done) == 3 + 2 * len(GRID)
+    selected = store.best("sel", top=1)[0]
+    evolved = [r for r in store.trials("sel-evolve") if r.state == "COMPLETE"]
+    assert len(evolved) == 6
+    first = Recipe.from_json(store.trials("sel-evolve")[0].recipe_json)
+    assert first.params["weight"] == Recipe.from_json(selected.recipe_json).params["weight"]
+    assert max(r.fitness for r in evolved) >= selected.fitness

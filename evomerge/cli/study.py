@@ -104,6 +104,29 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
     if summary.status == "finished" and config.next_stage:
         kill_point("stage-1-finished")
         _drive_dataflow_stage(config, store)
+    if summary.status == "finished" and config.evolve_next:
+        _drive_evolve_stage(config, store)
+
+
+def _drive_evolve_stage(config: StudyConfig, store) -> None:
+    """Model-GLUE's heuristic, then evolutionary selection: CMA-ES from the selection's merge."""
+    from evomerge.recipe import Recipe
+
+    best = store.best(config.name, top=1)
+    if not best:
+        raise fail(f"study {config.name!r} has no complete trial to start from", 1)
+    weights = Recipe.from_json(best[0].recipe_json).params["weight"][0]
+    existing = store.get_study(f"{config.name}-evolve", missing_ok=True)
+    stage = (
+        StudyConfig.from_yaml(existing.config_yaml, source=f"study {config.name}-evolve")
+        if existing is not None
+        else config.evolve_stage(weights)
+    )
+    console.print(
+        f"stage 2 (evolutionary): [bold]{stage.name}[/] starts CMA-ES at trial "
+        f"{best[0].number}'s weights {list(weights)}"
+    )
+    _drive(stage, store, new=existing is None)
 
 
 def _drive_dataflow_stage(config: StudyConfig, store) -> None:
