@@ -165,6 +165,19 @@ def test_trial_page_draws_the_dfs_path(client: TestClient, filled: str) -> None:
     assert page.count('marker-end="url(#arrow)"') == len(flow.path) - 1
 
 
+def test_similarity_page_draws_the_matrix_and_its_clusters(client: TestClient) -> None:
+    page = client.get("/studies/dfs-done/similarity")
+    assert page.status_code == 200, page.text
+    clusters = text_of(page.text, "clusters")
+    assert clusters == "zoo:add, zoo:reverse"
+    assert page.text.count('class="cluster"') == 1  # one cluster, of both models
+    assert page.text.count("<rect") == 4 + page.text.count('class="cluster"')
+    apart = client.get("/studies/dfs-done/similarity", params={"threshold": 1})
+    assert apart.text.count('class="cluster"') == 2 and "another initialisation" in apart.text
+    assert client.get("/studies/dfs-done/similarity", params={"threshold": 2}).status_code == 400
+    assert client.get("/studies/nope/similarity").status_code == 404
+
+
 def test_failed_trial_shows_its_error(client: TestClient) -> None:
     page = client.get("/studies/ties-done/trials/12").text
     assert "NaN logits" in text_of(page, "error")

@@ -1,12 +1,17 @@
-"""A recipe drawn as inline SVG: one heatmap per merge parameter, and a DFS path diagram."""
+"""Inline SVG: a recipe's heatmap per merge parameter, a DFS path diagram, and the weight
+similarity of a study's models."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from markupsafe import Markup, escape
 
 from evomerge.recipe import EMBED, LM_HEAD, NORM, DataFlow, Recipe
+
+if TYPE_CHECKING:  # the analysis loads torch; the dashboard imports it on first use
+    from evomerge.kinship import ZooAnalysis
 
 CELL, LABEL_W, HEAD_H = 22, 150, 46
 # Distinct hues for the models of a DFS path (cycled past eight).
@@ -134,5 +139,47 @@ def dataflow_svg(flow: DataFlow) -> Markup:
             f'<text class="scale" x="{x:.0f}" y="{y + 23}" text-anchor="middle">'
             f"×{scale:.2f}</text></g>"
         )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def similarity_svg(result: ZooAnalysis) -> Markup:
+    """The similarity matrix as a heatmap, models ordered by cluster, each cluster outlined
+    on the diagonal; a pair that cannot merge is hatched grey, its reason in the tooltip."""
+    order = [n for cluster in result.clusters for n in cluster]
+    size = LABEL_W + CELL * len(order) + 4
+    parts = [
+        f'<svg class="similarity" width="{size}" height="{size}" viewBox="0 0 {size} {size}" '
+        'role="img" aria-label="weight similarity of the models">'
+    ]
+    for i, name in enumerate(order):
+        x = LABEL_W + i * CELL + CELL / 2
+        parts.append(
+            f'<text class="tick" transform="translate({x:.0f},{LABEL_W - 4}) rotate(-55)">'
+            f"{escape(name[-24:])}</text>"
+            f'<text class="tick" x="{LABEL_W - 6}" y="{LABEL_W + i * CELL + CELL / 2 + 4:.0f}" '
+            f'text-anchor="end">{escape(name[-24:])}</text>'
+        )
+    for r, a in enumerate(order):
+        for c, b in enumerate(order):
+            value = result.similarity(a, b)
+            pair = tuple(sorted((a, b), key=result.names.index))
+            tip = f"{a} · {b}: " + (
+                f"{value:.4f}" if value is not None else result.reasons.get(pair, "-")
+            )
+            fill = "#ccc" if value is None else _color(max(value, 0.0))
+            parts.append(
+                f'<rect x="{LABEL_W + c * CELL}" y="{LABEL_W + r * CELL}" width="{CELL - 1}" '
+                f'height="{CELL - 1}" fill="{fill}"><title>{escape(tip)}</title></rect>'
+            )
+    start = 0
+    for cluster in result.clusters:
+        x = LABEL_W + start * CELL - 1
+        side = CELL * len(cluster)
+        parts.append(
+            f'<rect class="cluster" x="{x}" y="{x}" width="{side}" height="{side}" '
+            'fill="none" stroke="#d9822b" stroke-width="2"/>'
+        )
+        start += len(cluster)
     parts.append("</svg>")
     return Markup("".join(parts))
