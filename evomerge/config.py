@@ -74,7 +74,7 @@ class FitnessConfig(_Frozen):
 
 class OptimizerConfig(_Frozen):
     """CMA-ES settings, the defaults the paper's (Akiba et al. 2024); or, with `kind`, one of
-    Model-GLUE's heuristic selections (evomerge.selection) instead of CMA-ES."""
+    Model-GLUE's heuristic selections (evomerge.glue.selection) instead of CMA-ES."""
 
     kind: Literal["cmaes", "average", "coefficient"] = Field(
         "cmaes",

@@ -33,9 +33,9 @@ from optuna.trial import FrozenTrial, TrialState
 from transformers import AutoConfig
 
 from evomerge.config import StudyConfig
+from evomerge.glue.selection import Selection, Weights, key, replay
 from evomerge.killpoints import kill_point
 from evomerge.recipe import layer_group_names
-from evomerge.selection import Selection, Weights, key, replay
 from evomerge.space import DataFlowSpace, SearchSpace
 from storage import RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec

@@ -100,8 +100,8 @@ def analyse(
     """Cluster models by weight similarity (Model-GLUE): which can merge, and why not."""
     import json
 
-    from evomerge.kinship import analyse as run_analysis
-    from evomerge.kinship import check_threshold
+    from evomerge.glue.kinship import analyse as run_analysis
+    from evomerge.glue.kinship import check_threshold
 
     try:
         check_threshold(threshold)

@@ -11,7 +11,7 @@ from markupsafe import Markup, escape
 from evomerge.recipe import EMBED, LM_HEAD, NORM, DataFlow, Recipe
 
 if TYPE_CHECKING:  # the analysis loads torch; the dashboard imports it on first use
-    from evomerge.kinship import ZooAnalysis
+    from evomerge.glue.kinship import ZooAnalysis
 
 CELL, LABEL_W, HEAD_H = 22, 150, 46
 # Distinct hues for the models of a DFS path (cycled past eight).

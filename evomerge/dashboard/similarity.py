@@ -21,7 +21,7 @@ Ctx = Annotated[Context, Depends(context)]
 def _analysis(models: tuple[tuple[str, Path], ...], threshold: float):
     """One analysis per set of folders and threshold for the dashboard's life: it reads
     every model's layer weights once (minutes for 7B models)."""
-    from evomerge.kinship import analyse
+    from evomerge.glue.kinship import analyse
 
     return analyse(dict(models), threshold)
 

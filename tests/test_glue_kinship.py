@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.kinship import analyse, column_cosine
+from evomerge.glue.kinship import analyse, column_cosine
 from tests.fixtures_models import CONFIGS, load_state, make_family, save_model, tiny_tokenizer
 
 

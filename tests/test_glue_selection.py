@@ -12,8 +12,8 @@ import pytest
 
 from evomerge.config import StudyConfig
 from evomerge.coordinator import Coordinator
+from evomerge.glue.selection import GRID, Selection, key, replay
 from evomerge.recipe import Recipe
-from evomerge.selection import GRID, Selection, key, replay
 from storage import Store
 from tests.test_coordinator import _evomerge, register
 
