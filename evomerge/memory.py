@@ -45,6 +45,7 @@ class WorkerPlan:
 
     params: int
     shared: int  # bytes of the mapped files the host placement reads through the page cache
+    shared_statistics: int  # on a CPU node: the statistics files, mapped by every worker
     needs: dict[Placement, Need]
     available: int | None
     where: str  # what `available` measured
@@ -78,6 +79,11 @@ class WorkerPlan:
             f"host placement: {self.shared / GiB:.2f} GiB of checkpoint files in the page "
             "cache, shared by the workers of a node"
         )
+        if self.shared_statistics:
+            out.append(
+                f"statistics: {self.shared_statistics / GiB:.3f} GiB of cached files in the page "
+                "cache, shared by the workers of a node (a GPU worker keeps its own on the device)"
+            )
         pick = self.choice
         out.append(
             f"workers.sources: {self.asked} -> "
@@ -118,7 +124,7 @@ def plan_worker(
     if not merged:
         none = Need(0, 0, candidate, 0, evaluation)
         return WorkerPlan(
-            params, 0, {Placement.DEVICE: none, Placement.HOST: none}, available, where, asked
+            params, 0, 0, {Placement.DEVICE: none, Placement.HOST: none}, available, where, asked
         )
     files = sum(c.nbytes() for c in merged)
     statistics = sum(
@@ -128,11 +134,14 @@ def plan_worker(
     largest = max(numels)
     formed = 4 * (s + 1) * largest + 3 * 4 * s * CHUNK * (GPU_STEPS if gpu else 1)
     staged = 2 * (s + 1) * largest * merged[0].locate(next(iter(shapes)))[3].itemsize
+    # A CPU worker uses the statistics mapped from the cache (page cache, one copy a node); a
+    # GPU worker copies them to its device.
+    own = statistics if gpu else 0
     needs = {
-        Placement.DEVICE: Need(files, statistics, candidate, formed, evaluation),
-        Placement.HOST: Need(0, statistics, candidate, formed + staged, evaluation),
+        Placement.DEVICE: Need(files, own, candidate, formed, evaluation),
+        Placement.HOST: Need(0, own, candidate, formed + staged, evaluation),
     }
-    return WorkerPlan(params, files, needs, available, where, asked)
+    return WorkerPlan(params, files, statistics - own, needs, available, where, asked)
 
 
 def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[int | None, str]:
