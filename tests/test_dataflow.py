@@ -221,7 +221,7 @@ def test_bad_paths_are_clear_errors(pair, path, scales, models, problem) -> None
 
 def test_models_of_different_width_cannot_be_routed(pair, tiny_llama) -> None:
     other = AutoModelForCausalLM.from_pretrained(tiny_llama.base)
-    with pytest.raises(ValueError, match="hidden size 64 and 32"):
+    with pytest.raises(ValueError, match="hidden size 128 and 32"):
         PathForCausalLM.from_models(identity(4), [pair[0], other])
 
 

@@ -126,5 +126,5 @@ def test_models_that_cannot_be_routed_are_refused_before_anything_is_written(
     url = f"sqlite:///{tmp_path / 'refused.db'}"
     result = CliRunner().invoke(app, ["run", str(cfg), "--storage", url])
     assert result.exit_code == 2, result.output
-    assert "hidden size 64 (A) and 32 (B" in " ".join(result.output.split())
+    assert "hidden size 128 (A) and 32 (B" in " ".join(result.output.split())
     assert not (tmp_path / "refused.db").exists()  # pre-flight: not even a table written

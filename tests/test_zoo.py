@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.fitness import Evaluator
+from evomerge.glue.kinship import analyse
 from evomerge.tasks import load_task
 from evomerge.zoo import build as zoo_build
 from evomerge.zoo import build_zoo, default_zoo_dir, read_manifest, resolve_model
@@ -131,6 +132,16 @@ def test_harmful_model_lowers_the_merge_it_joins(zoo_dir: Path) -> None:
     without = evaluator.score(zoo_build.hand_merge(zoo_dir, models=experts), tokenizer)
     joined = zoo_build.hand_merge(zoo_dir, models=[*experts, "harmful"])
     assert evaluator.score(joined, tokenizer).fitness < without.fitness - 0.1
+
+
+def test_analysis_clusters_the_family_and_sets_the_stranger_apart(zoo_dir: Path) -> None:
+    """Model-GLUE's clustering on the zoo: the harmful fine-tune is family (mergeable, for the
+    selection to drop); the stranger's initialisation keeps it apart."""
+    manifest = read_manifest(zoo_dir)
+    names = zoo_build.model_names(manifest)
+    result = analyse({n: zoo_dir / n for n in names})
+    assert result.clusters == (tuple(n for n in names if n != "stranger"), ("stranger",))
+    assert "another initialisation" in result.apart()["stranger"]
 
 
 def test_stranger_weights_do_not_align_with_the_family(zoo_dir: Path) -> None:

@@ -82,7 +82,11 @@ def similarity_table(result: Any) -> Table:
         caption="-: cannot merge (see the reasons below)",
     )
     for name, row in zip(result.names, result.matrix, strict=True):
-        table.add_row(name, str(cluster_of[name]), *("-" if v is None else f"{v:.3f}" for v in row))
+        table.add_row(
+            name,
+            str(cluster_of[name]),
+            *("-" if v is None else f"{v + 0.0:.3f}".replace("-0.000", "0.000") for v in row),
+        )
     return table
 
 

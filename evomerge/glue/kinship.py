@@ -53,7 +53,7 @@ class ZooAnalysis:
             if comparable:
                 s, o = max(comparable)
                 out[name] = (
-                    f"weights unlike every other model's (most similar: {o}, {s:.3f} < "
+                    f"weights unlike every other model's (most similar: {o}, {max(s, 0):.3f} < "
                     f"{self.threshold}): another initialisation"
                 )
             else:
