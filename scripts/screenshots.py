@@ -40,6 +40,7 @@ def targets(url: str) -> dict[str, str]:
         best = store.best(big, top=2)
         dfs = store.best(None, top=1, method="dataflow")
     pages = {"studies": "/", "new-study": "/new", "study": f"/studies/{big}", "best": "/best"}
+    pages["similarity"] = f"/studies/{big}/similarity"  # its models must be on this machine
     if best:
         pages["trial"] = f"/studies/{big}/trials/{best[0].number}"
     if dfs:

@@ -144,41 +144,51 @@ def dataflow_svg(flow: DataFlow) -> Markup:
 
 
 def similarity_svg(result: ZooAnalysis) -> Markup:
-    """The similarity matrix as a heatmap, models ordered by cluster, each cluster outlined
-    on the diagonal; a pair that cannot merge is hatched grey, its reason in the tooltip."""
+    """The similarity matrix as a heatmap with each value in its cell, models ordered by
+    cluster and each cluster outlined on the diagonal; a pair that cannot merge is grey, its
+    reason in the tooltip. The colors span the lowest similarity shown to 1, so a family's
+    0.98 and 0.99 are told apart."""
+    cell, head = 48, 110
     order = [n for cluster in result.clusters for n in cluster]
-    size = LABEL_W + CELL * len(order) + 4
+    shown = [v for row in result.matrix for v in row if v is not None]
+    low = min(min(shown), result.threshold)
+    width, height = LABEL_W + cell * len(order) + 60, head + cell * len(order) + 4
     parts = [
-        f'<svg class="similarity" width="{size}" height="{size}" viewBox="0 0 {size} {size}" '
-        'role="img" aria-label="weight similarity of the models">'
+        f'<svg class="similarity" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="weight similarity">'
     ]
     for i, name in enumerate(order):
-        x = LABEL_W + i * CELL + CELL / 2
+        x = LABEL_W + i * cell + cell / 2
         parts.append(
-            f'<text class="tick" transform="translate({x:.0f},{LABEL_W - 4}) rotate(-55)">'
+            f'<text class="tick" transform="translate({x:.0f},{head - 4}) rotate(-35)">'
             f"{escape(name[-24:])}</text>"
-            f'<text class="tick" x="{LABEL_W - 6}" y="{LABEL_W + i * CELL + CELL / 2 + 4:.0f}" '
+            f'<text class="tick" x="{LABEL_W - 6}" y="{head + i * cell + cell / 2 + 4:.0f}" '
             f'text-anchor="end">{escape(name[-24:])}</text>'
         )
     for r, a in enumerate(order):
         for c, b in enumerate(order):
             value = result.similarity(a, b)
             pair = tuple(sorted((a, b), key=result.names.index))
-            tip = f"{a} · {b}: " + (
-                f"{value:.4f}" if value is not None else result.reasons.get(pair, "-")
-            )
-            fill = "#ccc" if value is None else _color(max(value, 0.0))
+            why = result.reasons.get(pair, "-")
+            tip = f"{a} · {b}: " + (f"{value:.4f}" if value is not None else why)
+            t = 0.0 if value is None else (value - low) / max(1.0 - low, 1e-9)
+            fill = "#ccc" if value is None else _color(t)
+            ink = "#fff" if t > 0.6 else "#222"
+            label = "–" if value is None else f"{max(value, 0.0):.3f}"
+            x, y = LABEL_W + c * cell, head + r * cell
             parts.append(
-                f'<rect x="{LABEL_W + c * CELL}" y="{LABEL_W + r * CELL}" width="{CELL - 1}" '
-                f'height="{CELL - 1}" fill="{fill}"><title>{escape(tip)}</title></rect>'
+                f'<g><title>{escape(tip)}</title><rect x="{x}" y="{y}" width="{cell - 1}" '
+                f'height="{cell - 1}" fill="{fill}"/><text class="cell" x="{x + cell / 2}" '
+                f'y="{y + cell / 2 + 4}" text-anchor="middle" style="fill:{ink}">{label}'
+                "</text></g>"
             )
     start = 0
     for cluster in result.clusters:
-        x = LABEL_W + start * CELL - 1
-        side = CELL * len(cluster)
+        x, y = LABEL_W + start * cell - 1, head + start * cell - 1
+        side = cell * len(cluster)
         parts.append(
-            f'<rect class="cluster" x="{x}" y="{x}" width="{side}" height="{side}" '
-            'fill="none" stroke="#d9822b" stroke-width="2"/>'
+            f'<rect class="cluster" x="{x}" y="{y}" width="{side}" height="{side}" '
+            'fill="none" stroke="#d9822b" stroke-width="3"/>'
         )
         start += len(cluster)
     parts.append("</svg>")
