@@ -76,10 +76,13 @@ class OptimizerConfig(_Frozen):
     """CMA-ES settings, the defaults the paper's (Akiba et al. 2024); or, with `kind`, one of
     Model-GLUE's heuristic selections (evomerge.glue.selection) instead of CMA-ES."""
 
-    kind: Literal["cmaes", "average", "coefficient"] = Field(
+    kind: Literal["cmaes", "average", "coefficient", "similarity"] = Field(
         "cmaes",
-        description="cmaes; or average / coefficient: Model-GLUE's heuristic selection of "
-        "which sources to merge (searches `weight`, one value per source)",
+        description="cmaes; or average / coefficient / similarity: Model-GLUE's heuristic "
+        "selection of which sources to merge (searches `weight`, one value per source)",
+    )
+    order: Literal["highest", "lowest"] = Field(
+        "highest", description="similarity: take next the source most or least like the merge"
     )
     scale: float = Field(
         1.0,

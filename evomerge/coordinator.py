@@ -16,6 +16,7 @@ coordinator at each one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -33,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from transformers import AutoConfig
 
 from evomerge.config import StudyConfig
+from evomerge.glue.kinship import merge_similarity
 from evomerge.glue.selection import Selection, Weights, key, replay
 from evomerge.killpoints import kill_point
 from evomerge.recipe import layer_group_names
@@ -337,6 +339,14 @@ class Coordinator:
         kill_point("submitted")
         return True
 
+    def _closeness(self, weights: Weights, candidates: Sequence[int]) -> list[float]:
+        """How alike in weights the merge with `weights` and each candidate source are (read
+        from the checkpoints once per merge: a replay asks again on every ask)."""
+        spec = self.spec
+        return list(
+            _merge_similarity(spec.base_path, spec.source_paths, weights, tuple(candidates))
+        )
+
     def _select_next(self) -> bool:
         """Queue the next candidate a heuristic selection needs. False while it waits on
         running trials, or when it has finished (then `_selection` holds its outcome)."""
@@ -355,7 +365,8 @@ class Coordinator:
             elif t.state == TrialState.FAIL and t.number not in rerun:
                 known[weights(t.params)] = -math.inf  # a candidate that failed for good
         opt = self.config.optimizer
-        outcome = replay(opt.kind, self.config.sources, known, opt.scale)
+        lowest = opt.order == "lowest"
+        outcome = replay(opt.kind, self.config.sources, known, opt.scale, self._closeness, lowest)
         if isinstance(outcome, Selection):
             self._selection = outcome
             return False
@@ -497,6 +508,13 @@ class Coordinator:
         """The top-k trials not yet re-scored on the held-out split."""
         k = self.config.budget.heldout_top_k
         return [r for r in self.store.best(self.config.name, top=k) if r.heldout is None]
+
+
+@functools.lru_cache(maxsize=64)
+def _merge_similarity(
+    base: str, sources: tuple[str, ...], weights: Weights, candidates: tuple[int, ...]
+) -> tuple[float, ...]:
+    return tuple(merge_similarity(base, list(sources), weights, list(candidates)))
 
 
 def _holds_result(row: TrialRow | None) -> bool:

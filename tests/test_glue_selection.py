@@ -12,6 +12,7 @@ import pytest
 
 from evomerge.config import StudyConfig
 from evomerge.coordinator import Coordinator
+from evomerge.glue.kinship import merge_similarity
 from evomerge.glue.selection import GRID, Selection, key, replay
 from evomerge.recipe import Recipe
 from storage import Store
@@ -55,6 +56,33 @@ def test_coefficient_tries_the_grid_at_each_step() -> None:
     assert rounds == 3
 
 
+@pytest.mark.parametrize(("lowest", "second"), [(False, "bad"), (True, "fine")])
+def test_similarity_takes_the_source_most_or_least_like_the_merge(lowest, second) -> None:
+    """`bad` is the most like the merge so far: taken second with `highest`, last with
+    `lowest`; either way the outcome is the same selection."""
+    like = {1: 0.9, 2: 0.5}  # index -> similarity to whatever the merge is
+
+    def closeness(weights, candidates):
+        return [like[c] for c in candidates]
+
+    known = {key(w): fitness(w) for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))}
+    outcome = replay("similarity", NAMES, known, closeness=closeness, lowest=lowest)
+    newcomer = NAMES.index(second)
+    assert isinstance(outcome, list) and {c[newcomer] for c in outcome} == set(GRID)
+    while not isinstance(outcome, Selection):
+        known |= {c: fitness(c) for c in outcome}
+        outcome = replay("similarity", NAMES, known, closeness=closeness, lowest=lowest)
+    assert outcome.kept == ["good", "fine"] and list(outcome.dropped) == ["bad"]
+
+
+def test_merge_similarity_of_a_one_source_merge_is_that_source(tiny_llama) -> None:
+    sources = list(tiny_llama.sources)
+    sims = merge_similarity(tiny_llama.base, sources, (1.0, 0.0, 0.0), [0, 1, 2])
+    assert sims[0] == pytest.approx(1.0, abs=1e-12) and max(sims[1:]) < 1 - 1e-4
+    halfway = merge_similarity(tiny_llama.base, sources, (0.5, 0.5, 0.0), [0, 1, 2])
+    assert halfway[0] > halfway[2] and halfway[1] > halfway[2]
+
+
 def test_a_failed_candidate_is_dropped_not_retried() -> None:
     known = {key(w): fitness(w) for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))}
     known[key((0.5, 0, 0.5))] = -math.inf
@@ -83,7 +111,7 @@ heartbeat: {{interval_s: 0.5, stale_after_s: 3}}
 
 
 def test_selection_study_drops_the_harmful_model(zoo_dir, ray_local, store) -> None:
-    cfg = StudyConfig.from_yaml(SELECT.format(name="select", kind="average", trials=20))
+    cfg = StudyConfig.from_yaml(SELECT.format(name="select", kind="average", trials=30))
     register(store, cfg)
     summary = Coordinator(cfg, store).run()
     assert summary.status == "finished", summary.reason
@@ -98,6 +126,17 @@ def test_selection_study_drops_the_harmful_model(zoo_dir, ray_local, store) -> N
     chosen = rows[key((0.8, 0, 0.8))].fitness
     assert chosen > whole_family and chosen == summary.best_fitness
     assert store.best("select", top=1)[0].heldout is not None
+    by_similarity = cfg.model_copy(
+        update={
+            "name": "similar",
+            "optimizer": cfg.optimizer.model_copy(update={"kind": "similarity"}),
+        }
+    )
+    register(store, by_similarity)
+    summary = Coordinator(by_similarity, store).run()
+    assert summary.status == "finished", summary.reason
+    assert "dropped zoo:harmful: its best coefficient" in summary.reason
+    assert summary.complete == 3 + 2 * len(GRID)
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,25 @@ def _similarities(
         for a, b in pairs:
             total[(a, b)] += column_cosine(read[a], read[b])
     return {p: v / len(tensors) for p, v in total.items()}
+
+
+def merge_similarity(
+    base: str | Path,
+    sources: list[str | Path],
+    weights: tuple[float, ...],
+    candidates: list[int],
+) -> list[float]:
+    """Similarity (the same measure) of the task-arithmetic merge base + Σ w_i (source_i -
+    base) to each source of `candidates`, one tensor at a time: Model-GLUE's `similarity`
+    selection picks its next model by it."""
+    ck_base = Checkpoint.open(base)
+    cks = [Checkpoint.open(s) for s in sources]
+    tensors = _matrices(ck_base)
+    total = [0.0] * len(candidates)
+    for tensor in tensors:
+        b = ck_base.read(tensor).double()
+        read = [ck.read(tensor).double() for ck in cks]
+        merged = b + sum(w * (r - b) for w, r in zip(weights, read, strict=True) if w)
+        for k, c in enumerate(candidates):
+            total[k] += column_cosine(merged, read[c])
+    return [t / len(tensors) for t in total]

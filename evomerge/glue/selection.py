@@ -3,11 +3,12 @@
 `average`: score each source alone, then add them best-first to a running average, keeping a
 source only if the merge's fitness does not drop. `coefficient`: the same, but each step
 tries the new source at every coefficient c of a grid (merge = (1 - c) * merge + c * source)
-and keeps the best c. Merges are in the study's method (task vectors, for task arithmetic),
-and the shares of a merge can be scaled: an average of task vectors (scale 1) dilutes each
-skill, where task arithmetic of fine-tunes keeps them at about 0.8 a source. A harmful
-source (one whose addition lowers every merge) is dropped, with the fitness that dropped it
-as the reason.
+and keeps the best c. `similarity`: `coefficient`, taking next the source whose weights are
+most (or least) similar to the merge so far. Merges are in the study's method (task vectors,
+for task arithmetic), and the shares of a merge can be scaled: an average of task vectors
+(scale 1) dilutes each skill, where task arithmetic of fine-tunes keeps them at about 0.8 a
+source. A harmful source (one whose addition lowers every merge) is dropped, with the fitness
+that dropped it as the reason.
 
 A heuristic is straight-line code over `score(weights)`: it is replayed from the start each
 time the coordinator asks for work, against the study's finished trials, so it needs no
@@ -22,7 +23,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-HEURISTICS = ("average", "coefficient")
 GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 Weights = tuple[float, ...]
@@ -106,14 +106,27 @@ def average(names: Sequence[str], scores: Scores, scale: float) -> Selection:
     return Selection(weights, best, [names[i] for i in kept], dropped)
 
 
-def coefficient(names: Sequence[str], scores: Scores, scale: float) -> Selection:
+Closeness = Callable[[Weights, Sequence[int]], list[float]]
+"""Weight similarity of the merge with `weights` to each of the sources given by index."""
+
+
+def coefficient(
+    names: Sequence[str],
+    scores: Scores,
+    scale: float,
+    pick: Callable[[Weights, list[int]], int] | None = None,
+) -> Selection:
+    """Sources join best-first (or in the order `pick` chooses from the merge so far), each
+    at the best coefficient of the grid."""
     n = len(names)
     order, solo = _start(names, scores)
     first = order[0]
     kept, shares, best = [first], _one_hot(n, first), solo[first]
-    weights = shares
+    weights, remaining = shares, order[1:]
     dropped = {}
-    for i in order[1:]:
+    while remaining:
+        i = pick(weights, remaining) if pick else remaining[0]
+        remaining.remove(i)
         mixed = [[(1 - c) * w + (c if j == i else 0.0) for j, w in enumerate(shares)] for c in GRID]
         grid = [key(scale * w for w in m) for m in mixed]
         fitness = scores.all(grid)
@@ -128,20 +141,41 @@ def coefficient(names: Sequence[str], scores: Scores, scale: float) -> Selection
     return Selection(weights, best, [names[i] for i in kept], dropped)
 
 
-RUNNERS: dict[str, Callable[[Sequence[str], Scores, float], Selection]] = {
-    "average": average,
-    "coefficient": coefficient,
-}
+def similarity(
+    names: Sequence[str], scores: Scores, scale: float, closeness: Closeness, lowest: bool
+) -> Selection:
+    """`coefficient`, but the next source is the one most (or, `lowest`, least) similar in
+    weights to the merge so far."""
+
+    def pick(weights: Weights, remaining: list[int]) -> int:
+        sims = closeness(weights, remaining)
+        ranked = sorted(range(len(remaining)), key=lambda k: (sims[k], -k), reverse=not lowest)
+        return remaining[ranked[0]]
+
+    return coefficient(names, scores, scale, pick)
 
 
 def replay(
-    heuristic: str, names: Sequence[str], known: Mapping[Weights, float], scale: float = 1.0
+    heuristic: str,
+    names: Sequence[str],
+    known: Mapping[Weights, float],
+    scale: float = 1.0,
+    closeness: Closeness | None = None,
+    lowest: bool = False,
 ) -> Selection | list[Weights]:
     """The finished selection, or the candidates (weights) the heuristic needs scored next.
 
     Each source alone is scored at weight 1 (the model itself); a merge of k sources gives
-    them shares that sum to 1, times `scale` (1: the plain average of the models)."""
+    them shares that sum to 1, times `scale` (1: the plain average of the models).
+    `similarity` needs `closeness`."""
+    scores = Scores(known)
     try:
-        return RUNNERS[heuristic](names, Scores(known), scale)
+        if heuristic == "average":
+            return average(names, scores, scale)
+        if heuristic == "coefficient":
+            return coefficient(names, scores, scale)
+        if heuristic == "similarity" and closeness is not None:
+            return similarity(names, scores, scale, closeness, lowest)
+        raise ValueError(f"unknown selection {heuristic!r} (or similarity without closeness)")
     except Needed as need:
         return need.candidates
