@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.table import Table
 
-from evomerge.cli.app import app, console, fail
+from evomerge.cli.app import app, console, err_console, fail
 
 zoo_app = typer.Typer(help="The toy model zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -109,7 +109,8 @@ def analyse(
 
     try:
         check_threshold(threshold)
-        result = run_analysis(_named(models, zoo), threshold)
+        show = None if as_json else (lambda line: err_console.print(f"[dim]{line}"))
+        result = run_analysis(_named(models, zoo), threshold, progress=show)
     except (OSError, ValueError) as e:
         raise fail(str(e), 2) from e
     if as_json:
