@@ -395,19 +395,26 @@ def _check_compatible(
     return sorted(parts.items(), key=lambda kv: (rank.get(kv[1], kv[1]), kv[0]))
 
 
+def vocab_of(folder: Path) -> dict[str, int] | None:
+    """The token -> id map of a checkpoint folder's tokenizer, or None when it has none."""
+    return AutoTokenizer.from_pretrained(folder).get_vocab() if has_tokenizer(folder) else None
+
+
+def ids_differing(a: dict[str, int], b: dict[str, int]) -> int:
+    """How many (token, id) pairs two vocabularies do not share (0: the same tokenizer)."""
+    return len(set(a.items()) ^ set(b.items()))
+
+
 def _check_tokenizers(
     base_name: str, base: Checkpoint, names: Sequence[str], ckpts: Sequence[Checkpoint]
 ) -> None:
     """Refuse sources whose tokenizer maps tokens to other ids than the base's."""
-    if not has_tokenizer(base.path):
+    vocab = vocab_of(base.path)
+    if vocab is None:
         return
-    vocab = AutoTokenizer.from_pretrained(base.path).get_vocab()
     for name, ck in zip(names, ckpts, strict=True):
-        if not has_tokenizer(ck.path):
-            continue
-        other = AutoTokenizer.from_pretrained(ck.path).get_vocab()
-        if other != vocab:
-            differ = len(set(vocab.items()) ^ set(other.items()))
+        other = vocab_of(ck.path)
+        if other is not None and (differ := ids_differing(vocab, other)):
             raise ValueError(
                 f"tokenizers differ: {name} and the base {base_name} disagree on {differ} "
                 "token ids; evomerge merges models that share a tokenizer"

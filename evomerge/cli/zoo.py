@@ -85,7 +85,7 @@ def similarity_table(result: Any) -> Table:
         table.add_row(
             name,
             str(cluster_of[name]),
-            *("-" if v is None else f"{v + 0.0:.3f}".replace("-0.000", "0.000") for v in row),
+            *("-" if v is None else f"{v:.3f}".replace("-0.000", "0.000") for v in row),
         )
     return table
 

@@ -20,10 +20,9 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from evomerge.layout import Layout
-from evomerge.models import Checkpoint, has_tokenizer
+from evomerge.models import Checkpoint, ids_differing, vocab_of
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -78,10 +77,6 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def _vocab(ck: Checkpoint) -> dict[str, int] | None:
-    return AutoTokenizer.from_pretrained(ck.path).get_vocab() if has_tokenizer(ck.path) else None
-
-
 def _mismatch(a: Checkpoint, b: Checkpoint, vocabs: dict[Path, dict | None]) -> str | None:
     """Why two checkpoints cannot merge, or None."""
     if a.config.model_type != b.config.model_type:
@@ -91,8 +86,8 @@ def _mismatch(a: Checkpoint, b: Checkpoint, vocabs: dict[Path, dict | None]) -> 
         differ = sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k))
         return f"other tensor shapes ({len(differ)} differ, e.g. {differ[0]})"
     va, vb = vocabs[a.path], vocabs[b.path]
-    if va is not None and vb is not None and va != vb:
-        return f"other tokenizers ({len(set(va.items()) ^ set(vb.items()))} token ids differ)"
+    if va is not None and vb is not None and (differ := ids_differing(va, vb)):
+        return f"other tokenizers ({differ} token ids differ)"
     return None
 
 
@@ -151,7 +146,7 @@ def analyse(
             _matrices(cks[name])
         except (OSError, ValueError) as e:
             raise type(e)(f"{name}: {e}") from None
-    vocabs = {ck.path: _vocab(ck) for ck in cks.values()}
+    vocabs = {ck.path: vocab_of(ck.path) for ck in cks.values()}
     reasons, sim = {}, {}
     pairs = []
     for a, b in combinations(names, 2):
