@@ -181,6 +181,45 @@ class DataFlowConfig(_Frozen):
     merge: str | None = Field(None, description="set by evomerge: stage 1's best recipe (JSON)")
 
 
+MIXTURE = "mixture"  # the `method` of a model-level mixture study (no weight merging)
+
+
+class MixtureSettings(_Frozen):
+    """Model-GLUE's model-level mixture: whole models behind a router formed from prompts.
+
+    `method: mixture` mixes `sources`. A merge study with `others` set is merge+mix: when it
+    (and its evolve stage) finishes, the study `<name>-mix` mixes its best merge with
+    `others`. Each expert's gate comes from the search prompts of its `prompts` tasks.
+    Candidates are every router `layers` x `pooling` pair, scored once each.
+    """
+
+    others: tuple[str, ...] = Field(
+        (), description="merge+mix: the models mixed with the study's best merge"
+    )
+    prompts: tuple[tuple[str, ...], ...] = Field(
+        min_length=2,
+        description="per expert (the sources; or the merge, then `others`): the tasks whose "
+        "search-split prompts form its gate",
+    )
+    prompts_per_task: int = Field(8, gt=0, le=1024)
+    layers: tuple[int, ...] | None = Field(
+        None,
+        description="router layers tried (hidden state after that many layers of expert "
+        "0); default every layer from 1 to the last",
+    )
+    pooling: tuple[Literal["mean", "first", "last"], ...] = Field(("mean", "last"), min_length=1)
+    top_k: int = Field(1, gt=0)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    merge: str | None = Field(None, description="set by evomerge: the merge stage's best recipe")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(f"distinct layer numbers from 0, got {v}")
+        return v
+
+
 class StudyConfig(_Frozen):
     """Everything one search needs. Model refs are folders or `zoo:NAME` (see `zoo`)."""
 
@@ -194,6 +233,7 @@ class StudyConfig(_Frozen):
     granularity: int = Field(1, gt=0, description="decoder layers per layer group")
     search: dict[str, Bounds] = Field(default_factory=dict, validate_default=True)
     dataflow: DataFlowConfig | None = None
+    mixture: MixtureSettings | None = None
     fixed: dict[str, float | tuple[float, ...]] = Field(default_factory=dict)
     options: dict[str, float | bool] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -209,7 +249,7 @@ class StudyConfig(_Frozen):
     @classmethod
     def _base_when_merging(cls, v: str | None, info: ValidationInfo) -> str | None:
         method = info.data.get("method")
-        if v is None and method not in (None, DATAFLOW):
+        if v is None and method not in (None, DATAFLOW, MIXTURE):
             raise ValueError(f"{method} merges against a base model; name one")
         return v
 
@@ -223,10 +263,11 @@ class StudyConfig(_Frozen):
     @field_validator("search")
     @classmethod
     def _searched(cls, v: dict[str, Bounds], info: ValidationInfo) -> dict[str, Bounds]:
-        dataflow = info.data.get("method") == DATAFLOW
-        if dataflow and v:
-            raise ValueError("dataflow has no merge parameters to search")
-        if not dataflow and not v:
+        method = info.data.get("method")
+        unmerged = method in (DATAFLOW, MIXTURE)
+        if unmerged and v:
+            raise ValueError(f"{method} has no merge parameters to search")
+        if not unmerged and not v:
             raise ValueError("name at least one merge parameter to search")
         return v
 
@@ -249,6 +290,7 @@ class StudyConfig(_Frozen):
                 raise ValueError("dataflow.b: only for PS+DFS; dataflow routes between sources")
         elif self.dataflow is not None and self.dataflow.b is None:
             raise ValueError("dataflow.b: name the source that stage 2 routes with the merge")
+        self._check_mixture()
         both = set(self.search) & set(self.fixed)
         if both:
             raise ValueError(f"parameters both searched and fixed: {sorted(both)}")
@@ -266,6 +308,56 @@ class StudyConfig(_Frozen):
         ):
             raise ValueError("optimizer.start: one weight a source, and only `weight` searched")
         return self
+
+    def _check_mixture(self) -> None:
+        mix = self.mixture
+        if self.method == MIXTURE:
+            if mix is None or mix.others or mix.merge is not None:
+                raise ValueError("mixture: a mixture study mixes its sources; give `prompts`")
+            if self.fixed or self.dataflow is not None:
+                raise ValueError("mixture: no merge parameters and no route")
+            experts = len(self.sources)
+        elif mix is None:
+            return
+        else:
+            if not mix.others:
+                raise ValueError("mixture.others: name the models mixed with the best merge")
+            if self.dataflow is not None:
+                raise ValueError("mixture: a study routes (dataflow) or mixes, not both")
+            experts = 1 + len(mix.others)
+        if len(mix.prompts) != experts:
+            raise ValueError(
+                f"mixture.prompts: {len(mix.prompts)} task lists for {experts} experts "
+                "(one list per expert: the sources, or the merge then `others`)"
+            )
+        empty = [i for i, tasks in enumerate(mix.prompts) if not tasks]
+        if empty:
+            raise ValueError(f"mixture.prompts: expert {empty[0]} has no task to form its gate")
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether this study searches a mixture's router (`method: mixture`, or the mix stage
+        of merge+mix), not weights."""
+        return self.method == MIXTURE or (
+            self.mixture is not None and self.mixture.merge is not None
+        )
+
+    @property
+    def mix_next(self) -> bool:
+        """Whether a mixture stage follows this study (merge+mix, after any evolve stage)."""
+        return self.mixture is not None and not self.is_mixture and not self.evolve_next
+
+    def mixture_stage(self, merge_json: str) -> StudyConfig:
+        """The study `<name>-mix`: mixes `merge_json`'s model with `mixture.others`, one trial
+        per router candidate."""
+        assert self.mixture is not None
+        return self.model_copy(
+            update={
+                "name": f"{self.name}-mix",
+                "mixture": self.mixture.model_copy(update={"merge": merge_json}),
+                "optimizer": OptimizerConfig(seed=self.optimizer.seed),
+            }
+        )
 
     @property
     def evolve_next(self) -> bool:
@@ -341,7 +433,8 @@ class StudyConfig(_Frozen):
 
         zoo_dir = default_zoo_dir(self.zoo or "demo")
         b = self.dataflow.b if self.dataflow else None
-        refs = [r for r in (self.base, *self.sources, b) if r is not None]
+        others = self.mixture.others if self.mixture else ()
+        refs = [r for r in (self.base, *self.sources, b, *others) if r is not None]
         return {ref: resolve_model(ref, zoo_dir) for ref in refs}
 
     def to_yaml(self) -> str:
@@ -385,14 +478,22 @@ class StudyConfig(_Frozen):
             return str((p.parent / ref).resolve())
 
         tasks = tuple(t.model_copy(update={"task": anchored(t.task)}) for t in cfg.fitness.tasks)
-        flow = cfg.dataflow
+        flow, mix = cfg.dataflow, cfg.mixture
         if flow is not None:
             flow = flow.model_copy(update={"b": anchored(flow.b)})
+        if mix is not None:
+            mix = mix.model_copy(
+                update={
+                    "others": tuple(anchored(o) for o in mix.others),
+                    "prompts": tuple(tuple(anchored(t) for t in ts) for ts in mix.prompts),
+                }
+            )
         return cfg.model_copy(
             update={
                 "base": anchored(cfg.base),
                 "sources": tuple(anchored(s) for s in cfg.sources),
                 "dataflow": flow,
+                "mixture": mix,
                 "fitness": cfg.fitness.model_copy(update={"tasks": tasks}),
             }
         )

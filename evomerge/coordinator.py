@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -37,8 +38,9 @@ from evomerge.config import StudyConfig
 from evomerge.glue.kinship import merge_similarity
 from evomerge.glue.selection import Selection, Weights, key, replay
 from evomerge.killpoints import kill_point
+from evomerge.models import check_shared_tokenizer
 from evomerge.recipe import layer_group_names
-from evomerge.space import DataFlowSpace, SearchSpace
+from evomerge.space import DataFlowSpace, MixtureSpace, SearchSpace
 from storage import RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
@@ -133,13 +135,19 @@ class RunSummary:
     seconds: float
 
 
-Space = SearchSpace | DataFlowSpace
+Space = SearchSpace | DataFlowSpace | MixtureSpace
 
 
 def build_space(config: StudyConfig) -> tuple[Space, WorkerSpec]:
     """Validate everything a run needs that can be checked without writing anything."""
     spec = WorkerSpec.from_config(config)
 
+    if config.is_mixture:
+        first = spec.base_path or spec.routed_paths[0]
+        name = spec.base or spec.routed[0]
+        check_shared_tokenizer(name, first, spec.routed, spec.routed_paths, what="mixes")
+        layers = AutoConfig.from_pretrained(first).num_hidden_layers
+        return MixtureSpace(config, layers, Path(spec.zoo_dir) if spec.zoo_dir else None), spec
     if config.is_dataflow:
         a = AutoConfig.from_pretrained(spec.base_path or spec.routed_paths[0])
         b = AutoConfig.from_pretrained(spec.routed_paths[-1])
@@ -157,9 +165,9 @@ def build_space(config: StudyConfig) -> tuple[Space, WorkerSpec]:
 def make_sampler(config: StudyConfig, space: Space) -> optuna.samplers.BaseSampler:
     """The paper's CMA-ES: start at each range's init (middle by default), sigma0 1/6.
 
-    A heuristic selection enqueues every trial with all its parameters, so its sampler is
-    never consulted; Optuna needs one all the same."""
-    if config.optimizer.kind != "cmaes":
+    A heuristic selection and a mixture's router candidates enqueue every trial with all its
+    parameters, so their sampler is never consulted; Optuna needs one all the same."""
+    if config.optimizer.kind != "cmaes" or config.is_mixture:
         return optuna.samplers.RandomSampler(seed=config.optimizer.seed)
     kwargs: dict[str, object] = {
         "seed": config.optimizer.seed,
@@ -207,6 +215,7 @@ class Coordinator:
         self._consecutive_failures = 0
         self._last_error = ""
         self._selection: Selection | None = None
+        self._grid_done = False
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
@@ -321,7 +330,10 @@ class Coordinator:
 
     def _ask(self, pool: WorkerPool, run_id: int) -> bool:
         """Ask for a trial and submit it; False when there is none to ask now."""
-        if self.config.optimizer.kind != "cmaes" and not self._select_next():
+        if isinstance(self.space, MixtureSpace):
+            if not self._grid_next(self.space):
+                return False
+        elif self.config.optimizer.kind != "cmaes" and not self._select_next():
             return False
         trial = self.study.ask(self.space.distributions)
         kill_point("asked")
@@ -374,6 +386,19 @@ class Coordinator:
         todo = [c for c in outcome if c not in running]
         if todo:
             self.study.enqueue_trial(self.space.genome_of_weights(todo[0]))  # type: ignore[union-attr]
+        return bool(todo)
+
+    def _grid_next(self, space: MixtureSpace) -> bool:
+        """Queue the next router candidate not asked yet; False once every one was asked."""
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True  # a re-asked trial of a dead run comes first
+        asked = [t.params for t in trials]
+        todo = [c for c in space.candidates if c not in asked]
+        if todo:
+            self.study.enqueue_trial(todo[0])
+        else:
+            self._grid_done = True
         return bool(todo)
 
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
@@ -438,6 +463,8 @@ class Coordinator:
                 f"selection finished: kept {', '.join(self._selection.kept)}"
                 f"; dropped {dropped or 'none'}"
             )
+        if self._grid_done:
+            return "every router candidate scored"
         if complete >= budget.trials:
             return "budget reached"
         if budget.wall_time_s is not None and time.monotonic() - t_start > budget.wall_time_s:

@@ -12,7 +12,9 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -24,7 +26,7 @@ from evomerge.merge.build import group_parts, group_values, method_options
 from evomerge.merge.spec import BasePolicy
 from evomerge.mergekit_coverage import gap
 from evomerge.models import SourceSet, has_tokenizer, load_model
-from evomerge.recipe import DATAFLOW, EMBED, LM_HEAD, MERGED, NORM, Recipe
+from evomerge.recipe import DATAFLOW, EMBED, LM_HEAD, MERGED, MIXTURE, NORM, Recipe
 
 MERGE_OUT = "./merge"  # where a PS+DFS route's passthrough config expects model A's merge
 
@@ -163,9 +165,15 @@ def _score_lines(scores: dict | None) -> list[str]:
 
 
 def recipe_yaml(recipe: Recipe, paths: dict[str, str]) -> str:
-    """mergekit's config for any recipe: its merge, or the passthrough config of its route."""
+    """mergekit's config for any recipe: its merge, or the passthrough config of its route;
+    a mixture has none (mergekit-moe mixes per layer, not whole models): its merge's."""
     from evomerge.dataflow import passthrough_yaml
 
+    if recipe.mixture is not None:
+        note = "# A model-level mixture has no mergekit config (mergekit-moe mixes per layer).\n"
+        if recipe.method == MIXTURE:
+            return note
+        return note + "# Expert 0 is this merge:\n" + mergekit_yaml(recipe.merge_part(), paths)
     if recipe.dataflow is None:
         return mergekit_yaml(recipe, paths)
     refs = [MERGE_OUT if ref == MERGED else paths[ref] for ref in recipe.dataflow.models]
@@ -263,6 +271,38 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
+@dataclass
+class _Models:
+    """What a route or a mixture runs: the recipe's merge (built as a worker builds it) and
+    the whole models it names, loaded."""
+
+    paths: dict[str, Path]
+    source_paths: dict[str, str]  # the merge's models
+    merged: torch.nn.Module | None
+    merge_yaml: str | None
+    tokenizer: Any
+    loaded: dict[str, torch.nn.Module]
+
+    @classmethod
+    def load(cls, recipe: Recipe, refs: tuple[str, ...], zoo_dir, device) -> _Models:
+        from evomerge.zoo import resolve_model
+
+        paths = {ref: resolve_model(ref, zoo_dir) for ref in refs if ref != MERGED}
+        merged, merge_yaml, source_paths = None, None, {}
+        if recipe.method not in (DATAFLOW, MIXTURE):
+            merge = recipe.merge_part()
+            sources = load_recipe_sources(merge, zoo_dir, device)
+            source_paths = {n: str(p) for n, p in sources.paths.items()}
+            merge_yaml = mergekit_yaml(merge, source_paths)
+            merged = sources.new_model(recipe.dtype)
+            build(merge, sources, merged)
+            tokenizer = sources.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(paths[refs[0]])
+        loaded = {ref: load_model(path, recipe.dtype, device) for ref, path in paths.items()}
+        return cls(paths, source_paths, merged, merge_yaml, tokenizer, loaded)
+
+
 def export_route(
     recipe: Recipe,
     out_dir: str | Path,
@@ -275,34 +315,83 @@ def export_route(
     once, loadable through `AutoModelForCausalLM` after `import evomerge.dataflow`),
     recipe.json, mergekit's passthrough config and, for PS+DFS, model A's merge config."""
     from evomerge.dataflow import route, save_path_checkpoint
-    from evomerge.zoo import resolve_model
 
     flow = recipe.dataflow
     assert flow is not None
     out = free_folder(out_dir)
-    paths = {ref: resolve_model(ref, zoo_dir) for ref in flow.models if ref != MERGED}
-    merged, merge_yaml = None, None
-    if recipe.method != DATAFLOW:
-        merge = recipe.merge_part()
-        sources = load_recipe_sources(merge, zoo_dir, device)
-        merge_yaml = mergekit_yaml(merge, {n: str(p) for n, p in sources.paths.items()})
-        merged = sources.new_model(recipe.dtype)
-        build(merge, sources, merged)
-        tokenizer = sources.tokenizer
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(paths[flow.models[0]])
-    loaded = {ref: load_model(path, recipe.dtype, device) for ref, path in paths.items()}
-    model = route(flow, merged, loaded)
-    refs = [MERGE_OUT if ref == MERGED else str(paths[ref]) for ref in flow.models]
-    route_yaml = recipe_yaml(recipe, {ref: str(path) for ref, path in paths.items()})
+    m = _Models.load(recipe, flow.models, zoo_dir, device)
+    model = route(flow, m.merged, m.loaded)
+    refs = [MERGE_OUT if ref == MERGED else str(m.paths[ref]) for ref in flow.models]
+    route_yaml = recipe_yaml(recipe, {ref: str(path) for ref, path in m.paths.items()})
     with staged(out) as tmp:
-        save_path_checkpoint(model, tokenizer, tmp)
+        save_path_checkpoint(model, m.tokenizer, tmp)
         recipe.save(tmp / "recipe.json")
         (tmp / "mergekit_config.yml").write_text(route_yaml)
-        if merge_yaml is not None:
-            (tmp / "merge_config.yml").write_text(merge_yaml)
-        (tmp / "README.md").write_text(route_card(recipe, refs, route_yaml, merge_yaml, scores))
+        if m.merge_yaml is not None:
+            (tmp / "merge_config.yml").write_text(m.merge_yaml)
+        (tmp / "README.md").write_text(route_card(recipe, refs, route_yaml, m.merge_yaml, scores))
     return out
+
+
+def export_mixture(
+    recipe: Recipe,
+    out_dir: str | Path,
+    scores: dict | None = None,
+    *,
+    zoo_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write a mixture: one checkpoint folder holding every expert and the router's gates,
+    loadable through `AutoModelForCausalLM` after `import evomerge.glue`, with recipe.json,
+    a card, and mergekit_config.yml (expert 0's merge, under a note: mergekit has no
+    model-level mixture)."""
+    from evomerge.glue.mixture import mix
+
+    mixture = recipe.mixture
+    assert mixture is not None
+    out = free_folder(out_dir)
+    m = _Models.load(recipe, mixture.experts, zoo_dir, device)
+    model = mix(mixture, m.merged, m.loaded, m.tokenizer)
+    mixture_yaml = recipe_yaml(recipe, m.source_paths)
+    with staged(out) as tmp:
+        model.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        m.tokenizer.save_pretrained(tmp)
+        recipe.save(tmp / "recipe.json")
+        (tmp / "mergekit_config.yml").write_text(mixture_yaml)
+        (tmp / "README.md").write_text(mixture_card(recipe, m.paths, mixture_yaml, scores))
+    return out
+
+
+def mixture_card(recipe: Recipe, paths: dict[str, Path], mixture_yaml: str, scores) -> str:
+    """README.md of a mixture: its experts, the router, scores, how to load and rebuild."""
+    mixture = recipe.mixture
+    assert mixture is not None
+    lines = [
+        f"# evomerge model-level mixture `{recipe.hash}`",
+        "",
+        f"{len(mixture.experts)} whole models behind a router (dtype {recipe.dtype}). The "
+        f"router pools ({mixture.pooling}) expert 0's hidden state after {mixture.layer} "
+        f"layers over each sequence and sends it to its top {mixture.top_k} experts by cosine "
+        f"similarity to their gates (temperature {mixture.temperature:g}); each gate is the "
+        "same pooled state averaged over that expert's prompts.",
+        "",
+        "## Experts",
+        "",
+        "| expert | model | gate prompts |",
+        "|---|---|---|",
+    ]
+    for ref, prompts in zip(mixture.experts, mixture.prompts, strict=True):
+        where = "the merge of mergekit_config.yml" if ref == MERGED else str(paths[ref])
+        lines.append(f"| `{ref}` | {where} | {len(prompts)} |")
+    reproduce = (
+        "`import evomerge.glue` registers the model class; then "
+        "`AutoModelForCausalLM.from_pretrained(this folder)` loads it. "
+        "`evomerge merge recipe.json --out DIR` rebuilds it. mergekit has no model-level "
+        "mixture (mergekit-moe mixes per layer); `mergekit_config.yml` holds expert 0's "
+        "merge, if any:"
+    )
+    return "\n".join(lines + _card_end(scores, reproduce, mixture_yaml))
 
 
 def route_card(
@@ -372,6 +461,8 @@ def export_recipe(
         zoo_dir = Path(default_zoo_dir(config.zoo))
     if recipe.dataflow is not None:
         out = export_route(recipe, out_dir, scores, zoo_dir=zoo_dir, device=device)
+    elif recipe.mixture is not None:
+        out = export_mixture(recipe, out_dir, scores, zoo_dir=zoo_dir, device=device)
     else:
         sources = load_recipe_sources(recipe, zoo_dir, device)
         out = export_checkpoint(recipe, sources, out_dir, scores)

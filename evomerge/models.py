@@ -271,7 +271,9 @@ class SourceSet:
         ckpts = [Checkpoint.open(p) for p in sources]
         layout = Layout.of(base_ckpt.config)
         order = _check_compatible(base_name, base_ckpt, names, ckpts, layout)
-        _check_tokenizers(base_name, base_ckpt, names, ckpts)
+        check_shared_tokenizer(
+            f"the base {base_name}", base_ckpt.path, names, [c.path for c in ckpts]
+        )
         device = _concrete(torch.device(device))
         models = [base_ckpt, *ckpts]
         tensors = [name for name, _ in order]
@@ -405,19 +407,25 @@ def ids_differing(a: dict[str, int], b: dict[str, int]) -> int:
     return len(set(a.items()) ^ set(b.items()))
 
 
-def _check_tokenizers(
-    base_name: str, base: Checkpoint, names: Sequence[str], ckpts: Sequence[Checkpoint]
+def check_shared_tokenizer(
+    first: str,
+    first_path: str | Path,
+    names: Sequence[str],
+    paths: Sequence[str | Path],
+    *,
+    what: str = "merges",
 ) -> None:
-    """Refuse sources whose tokenizer maps tokens to other ids than the base's."""
-    vocab = vocab_of(base.path)
+    """Refuse models whose tokenizer maps tokens to other ids than `first`'s: a merge or a
+    mixture needs the same ids to mean the same tokens in every model."""
+    vocab = vocab_of(Path(first_path))
     if vocab is None:
         return
-    for name, ck in zip(names, ckpts, strict=True):
-        other = vocab_of(ck.path)
+    for name, path in zip(names, paths, strict=True):
+        other = vocab_of(Path(path))
         if other is not None and (differ := ids_differing(vocab, other)):
             raise ValueError(
-                f"tokenizers differ: {name} and the base {base_name} disagree on {differ} "
-                "token ids; evomerge merges models that share a tokenizer"
+                f"tokenizers differ: {name} and {first} disagree on {differ} token ids; "
+                f"evomerge {what} models that share a tokenizer (fusion takes the others)"
             )
 
 

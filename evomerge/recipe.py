@@ -11,14 +11,15 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Special layer groups; decoder layers are named "layers.<a>" or "layers.<a>-<b>" (inclusive).
 EMBED, NORM, LM_HEAD = "embed", "norm", "lm_head"
-# A data-flow-only recipe's method, and the name a PS+DFS route gives its own weight merge.
-DATAFLOW, MERGED = "dataflow", "@merge"
+# The methods of a data-flow-only and a mixture-only recipe, and the name a route or a mixture
+# gives the recipe's own weight merge (PS+DFS, a merged cluster among mixed ones).
+DATAFLOW, MIXTURE, MERGED = "dataflow", "mixture", "@merge"
 
 
 def layer_group_names(num_layers: int, granularity: int = 1) -> tuple[str, ...]:
@@ -70,6 +71,38 @@ class DataFlow(BaseModel):
         return self
 
 
+class Mixture(BaseModel):
+    """A model-level mixture (Model-GLUE): whole models behind a router.
+
+    The router reads expert 0's hidden state after `layer` decoder layers, pooled over a
+    sequence (`mean`, `first` or `last` token); each expert's gate is that state averaged over
+    its `prompts`. A sequence goes to its `top_k` experts by cosine similarity / `temperature`,
+    softmax, renormalised (evomerge.glue.mixture).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experts: tuple[str, ...]
+    layer: int = Field(ge=0)
+    pooling: Literal["mean", "first", "last"] = "mean"
+    top_k: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    prompts: tuple[tuple[str, ...], ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> Mixture:
+        if len(self.experts) < 2 or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"mixture.experts: two or more distinct models, got {self.experts}")
+        if len(self.prompts) != len(self.experts):
+            raise ValueError(
+                f"mixture.prompts has {len(self.prompts)} lists for {len(self.experts)} experts"
+            )
+        empty = [e for e, p in zip(self.experts, self.prompts, strict=True) if not p]
+        if empty:
+            raise ValueError(f"mixture.prompts: no prompt forms the gate of {empty}")
+        return self
+
+
 class Recipe(BaseModel):
     """Method, models, per-group parameters, dtype and every seed of one candidate.
 
@@ -80,6 +113,8 @@ class Recipe(BaseModel):
     `dataflow` routes tokens through layers of several models. With `method: dataflow` the
     route's models are the sources and nothing is merged; with a merge method (PS+DFS) the
     route's model A is `@merge`, the weight merge the rest of the recipe describes.
+    `mixture` puts whole models behind a router, the same way: `method: mixture` mixes its
+    sources; with a merge method, expert 0 is `@merge`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,6 +128,7 @@ class Recipe(BaseModel):
     dtype: str = "float32"
     seed: int = 0
     dataflow: DataFlow | None = None
+    mixture: Mixture | None = None
 
     @field_validator("sources")
     @classmethod
@@ -118,11 +154,21 @@ class Recipe(BaseModel):
                 raise ValueError("dataflow: routes its sources and has no merge parameters")
         elif flow is not None and (flow.models[0] != MERGED or MERGED in flow.models[1:]):
             raise ValueError(f"dataflow.models: a PS+DFS route starts at {MERGED!r} (model A)")
+        mix = self.mixture
+        if self.method == MIXTURE:
+            if mix is None or flow is not None:
+                raise ValueError("mixture: a mixture recipe needs its router, and no route")
+            if mix.experts != self.sources or self.params or self.groups:
+                raise ValueError("mixture: mixes its sources and has no merge parameters")
+        elif mix is not None and (
+            flow is not None or mix.experts[0] != MERGED or MERGED in mix.experts[1:]
+        ):
+            raise ValueError(f"mixture.experts: a merge's mixture starts at {MERGED!r}, no route")
         return self
 
     def merge_part(self) -> Recipe:
-        """The weight merge alone (a PS+DFS recipe's model A)."""
-        return self.model_copy(update={"dataflow": None})
+        """The weight merge alone (a PS+DFS route's model A, a mixture's expert 0)."""
+        return self.model_copy(update={"dataflow": None, "mixture": None})
 
     @model_validator(mode="after")
     def _shapes(self) -> Recipe:
@@ -148,8 +194,11 @@ class Recipe(BaseModel):
         return values[0] if len(values) == 1 or source is None else values[source]
 
     def to_json(self) -> str:
-        """Canonical, lossless JSON (sorted keys, no spaces): the stored form."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Canonical, lossless JSON (sorted keys, no spaces): the stored form. A recipe without
+        a mixture leaves the field out, so recipes stored before mixtures existed keep their
+        hash."""
+        data = self.model_dump(mode="json", exclude={"mixture"} if self.mixture is None else None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Recipe:
@@ -182,6 +231,10 @@ class Recipe(BaseModel):
             out["path"] = " ".join(
                 f"{'AB'[m] if m < 2 else m}{layer}" for m, layer in self.dataflow.path
             )
+        if self.mixture is not None:
+            mix = self.mixture
+            out["experts"] = list(mix.experts)
+            out["router"] = f"layer {mix.layer} {mix.pooling} top-{mix.top_k}"
         for name, per_group in self.params.items():
             width = max(len(v) for v in per_group)
             out[name] = [

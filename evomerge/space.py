@@ -3,6 +3,7 @@
 Parameter space (`SearchSpace`): each searched parameter becomes one Optuna
 `FloatDistribution` per layer group (and per source, for per-source parameters such as a
 source's weight). Data-flow space (`DataFlowSpace`): the paper's indicator array and scales.
+Mixture space (`MixtureSpace`): a grid of router layers and poolings, each scored once.
 Values are used as CMA-ES proposes them: Optuna maps the bounds linearly to [0, 1] and
 CMA-ES repairs out-of-bound samples itself, so decoding needs no abs()/clamp that would fold
 the landscape.
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import pairwise
+from pathlib import Path
 
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from evomerge.config import StudyConfig
 from evomerge.merge import get_method
-from evomerge.recipe import DATAFLOW, MERGED, DataFlow, Recipe
+from evomerge.recipe import DATAFLOW, MERGED, MIXTURE, DataFlow, Mixture, Recipe
 
 
 class SearchSpace:
@@ -230,4 +232,71 @@ class DataFlowSpace:
             dtype=cfg.dtype,
             seed=cfg.seed,
             dataflow=flow,
+        )
+
+
+class MixtureSpace:
+    """A mixture's router candidates (Model-GLUE's model-level mixture): every router layer
+    and pooling pair, scored once each (`candidates` in order; the coordinator enqueues them).
+
+    The experts' gate prompts are read here, once, from their tasks' search splits, and travel
+    in each recipe, so a recipe alone rebuilds its router.
+    """
+
+    def __init__(self, config: StudyConfig, layers: int, zoo_dir: Path | None) -> None:
+        from evomerge.tasks import load_task  # reads task files: only when a study runs
+
+        mix = config.mixture
+        assert mix is not None and config.is_mixture
+        self.config, self.settings = config, mix
+        if config.method == MIXTURE:
+            self.experts, self.merge = config.sources, None
+        else:
+            assert mix.merge is not None
+            self.experts = (MERGED, *mix.others)
+            self.merge = Recipe.from_json(mix.merge).merge_part()
+        tried = mix.layers if mix.layers is not None else tuple(range(1, layers + 1))
+        if max(tried) > layers:
+            raise ValueError(f"mixture.layers: expert 0 has {layers} layers, got {max(tried)}")
+        self.candidates = [
+            {"router/layer": layer, "router/pooling": pooling}
+            for layer in tried
+            for pooling in mix.pooling
+        ]
+        self.distributions = {
+            "router/layer": IntDistribution(min(tried), max(tried)),
+            "router/pooling": CategoricalDistribution(mix.pooling),
+        }
+        self.prompts = tuple(
+            tuple(
+                row.get("prompt") or row["text"]
+                for task in tasks
+                for row in load_task(task, zoo_dir).rows("search", mix.prompts_per_task)
+            )
+            for tasks in mix.prompts
+        )
+
+    dim = 2
+    custom_start = False
+
+    def decode(self, params: Mapping[str, object]) -> Recipe:
+        mix = self.settings
+        mixture = Mixture(
+            experts=self.experts,
+            layer=int(params["router/layer"]),  # type: ignore[call-overload]
+            pooling=params["router/pooling"],  # type: ignore[arg-type]
+            top_k=mix.top_k,
+            temperature=mix.temperature,
+            prompts=self.prompts,
+        )
+        if self.merge is not None:
+            return self.merge.model_copy(update={"mixture": mixture})
+        cfg = self.config
+        return Recipe(
+            method=MIXTURE,
+            sources=cfg.sources,
+            groups=(),
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            mixture=mixture,
         )

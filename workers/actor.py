@@ -20,11 +20,12 @@ from transformers import AutoTokenizer
 from evomerge.config import StudyConfig
 from evomerge.dataflow import route
 from evomerge.fitness import Evaluator
+from evomerge.glue.mixture import mix
 from evomerge.memory import WorkerPlan, device_memory, out_of_memory, plan_worker, release
 from evomerge.merge import build
 from evomerge.models import SourceSet, load_model
 from evomerge.placement import Placement, release_heap
-from evomerge.recipe import DATAFLOW, Recipe
+from evomerge.recipe import DATAFLOW, MIXTURE, Recipe
 from evomerge.zoo import default_zoo_dir
 
 
@@ -32,7 +33,7 @@ class WorkerSpec(BaseModel):
     """What a worker needs to start: resolved model folders and the fitness tasks.
 
     `base`/`sources` are merged (a SourceSet); `routed` are whole models a data-flow route
-    runs unmerged (DFS: A and B; PS+DFS stage 2: B).
+    or a mixture runs unmerged (DFS: A and B; PS+DFS stage 2: B; a mixture's other experts).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -59,11 +60,12 @@ class WorkerSpec(BaseModel):
     def from_config(cls, config: StudyConfig) -> WorkerSpec:
         """Resolve every model ref; a missing folder raises FileNotFoundError naming it."""
         paths = config.model_paths()
-        if config.method == DATAFLOW:
+        if config.method in (DATAFLOW, MIXTURE):
             merged, routed = (), config.sources
         else:
             merged = config.sources
             routed = (config.dataflow.b,) if config.is_dataflow else ()
+            routed = config.mixture.others if config.is_mixture else routed
         return cls(
             base=config.base,
             base_path=str(paths[config.base]) if merged else None,
@@ -213,12 +215,16 @@ class CandidateWorker:
             evaluator.batch_size = batch
 
     def candidate(self, recipe: Recipe) -> torch.nn.Module:
-        """Build `recipe`'s merge in place (once for a route's fixed model A), then its route."""
-        if recipe.method != DATAFLOW:
+        """Build `recipe`'s merge in place (once for the fixed merge a route or a mixture
+        holds), then its route or its mixture."""
+        fixed = recipe.dataflow is not None or recipe.mixture is not None
+        if recipe.method not in (DATAFLOW, MIXTURE):
             merge = recipe.merge_part()
-            if recipe.dataflow is None or merge.hash != self._merged:
+            if not fixed or merge.hash != self._merged:
                 build(merge, self.sources, into=self.model)
-                self._merged = merge.hash if recipe.dataflow is not None else None
-        if recipe.dataflow is None:
-            return self.model
-        return route(recipe.dataflow, self.model, self.routed)
+                self._merged = merge.hash if fixed else None
+        if recipe.dataflow is not None:
+            return route(recipe.dataflow, self.model, self.routed)
+        if recipe.mixture is not None:
+            return mix(recipe.mixture, self.model, self.routed, self.tokenizer)
+        return self.model

@@ -106,6 +106,8 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
         _drive_dataflow_stage(config, store)
     if summary.status == "finished" and config.evolve_next:
         _drive_evolve_stage(config, store)
+    if summary.status == "finished" and config.mix_next:
+        _drive_mixture_stage(config, store)
 
 
 def _drive_evolve_stage(config: StudyConfig, store) -> None:
@@ -130,18 +132,30 @@ def _drive_evolve_stage(config: StudyConfig, store) -> None:
 
 
 def _drive_dataflow_stage(config: StudyConfig, store) -> None:
-    """PS+DFS: route stage 1's best merge (held-out score first) with `dataflow.b`."""
+    """PS+DFS: route stage 1's best merge with `dataflow.b`."""
+    assert config.dataflow is not None
+    _drive_on_best(config, store, config.dataflow_stage, f"routes it with {config.dataflow.b}")
+
+
+def _drive_mixture_stage(config: StudyConfig, store) -> None:
+    """Merge+mix (Model-GLUE): mix the best merge with `mixture.others`."""
+    assert config.mixture is not None
+    others = ", ".join(config.mixture.others)
+    _drive_on_best(config, store, config.mixture_stage, f"mixes it with {others}")
+
+
+def _drive_on_best(config: StudyConfig, store, make_stage, what: str) -> None:
+    """The next stage of a chain, on this study's best recipe (held-out score first)."""
     best = [r for r in store.best(config.name, top=1, by="heldout") if r.heldout is not None]
     best = best or store.best(config.name, top=1)
     if not best:
-        raise fail(f"study {config.name!r} has no complete trial to route", 1)
-    stage = config.dataflow_stage(best[0].recipe_json)
+        raise fail(f"study {config.name!r} has no complete trial to build on", 1)
+    stage = make_stage(best[0].recipe_json)
     existing = store.get_study(stage.name, missing_ok=True)
     if existing is not None:
         stage = StudyConfig.from_yaml(existing.config_yaml, source=f"study {stage.name!r}")
     console.print(
-        f"stage 2 (data-flow): [bold]{stage.name}[/] routes trial {best[0].number}'s merge "
-        f"with {config.dataflow.b}"
+        f"next stage: [bold]{stage.name}[/] takes trial {best[0].number}'s merge and {what}"
     )
     _drive(stage, store, new=existing is None)
 
