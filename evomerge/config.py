@@ -25,6 +25,14 @@ from pydantic import (
 MAX_COUNT = 2**31 - 1
 
 
+def anchor(ref: str, folder: Path) -> str:
+    """A model or task ref as given, or, when it is a relative path, made absolute against
+    `folder` (the folder of the config file that names it)."""
+    if ref.startswith("zoo:") or Path(ref).is_absolute():
+        return ref
+    return str((folder / ref).resolve())
+
+
 class ConfigError(ValueError):
     """A study config that cannot be used; the message names the file and field."""
 
@@ -197,7 +205,6 @@ class MixtureSettings(_Frozen):
         (), description="merge+mix: the models mixed with the study's best merge"
     )
     prompts: tuple[tuple[str, ...], ...] = Field(
-        min_length=2,
         description="per expert (the sources; or the merge, then `others`): the tasks whose "
         "search-split prompts form its gate",
     )
@@ -347,15 +354,19 @@ class StudyConfig(_Frozen):
         """Whether a mixture stage follows this study (merge+mix, after any evolve stage)."""
         return self.mixture is not None and not self.is_mixture and not self.evolve_next
 
-    def mixture_stage(self, merge_json: str) -> StudyConfig:
-        """The study `<name>-mix`: mixes `merge_json`'s model with `mixture.others`, one trial
-        per router candidate."""
+    def mixture_stage(self, merge_json: str, layers: int) -> StudyConfig:
+        """The study `<name>-mix`: mixes `merge_json`'s model (of `layers` decoder layers) with
+        `mixture.others`, one trial per router candidate."""
         assert self.mixture is not None
+        tried = self.mixture.layers or tuple(range(1, layers + 1))
+        mixture = self.mixture.model_copy(update={"merge": merge_json, "layers": tried})
+        trials = len(tried) * len(mixture.pooling)
         return self.model_copy(
             update={
                 "name": f"{self.name}-mix",
-                "mixture": self.mixture.model_copy(update={"merge": merge_json}),
+                "mixture": mixture,
                 "optimizer": OptimizerConfig(seed=self.optimizer.seed),
+                "budget": self.budget.model_copy(update={"trials": trials}),
             }
         )
 
@@ -470,15 +481,16 @@ class StudyConfig(_Frozen):
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-        cfg = cls.from_yaml(text, source=str(p), **overrides)
+        return cls.from_yaml(text, source=str(p), **overrides).anchored(p.parent)
+
+    def anchored(self, folder: Path) -> StudyConfig:
+        """Relative model and task paths made relative to `folder` (a config file's)."""
 
         def anchored(ref: str | None) -> str | None:
-            if ref is None or ref.startswith("zoo:") or Path(ref).is_absolute():
-                return ref
-            return str((p.parent / ref).resolve())
+            return None if ref is None else anchor(ref, folder)
 
-        tasks = tuple(t.model_copy(update={"task": anchored(t.task)}) for t in cfg.fitness.tasks)
-        flow, mix = cfg.dataflow, cfg.mixture
+        tasks = tuple(t.model_copy(update={"task": anchored(t.task)}) for t in self.fitness.tasks)
+        flow, mix = self.dataflow, self.mixture
         if flow is not None:
             flow = flow.model_copy(update={"b": anchored(flow.b)})
         if mix is not None:
@@ -488,12 +500,12 @@ class StudyConfig(_Frozen):
                     "prompts": tuple(tuple(anchored(t) for t in ts) for ts in mix.prompts),
                 }
             )
-        return cfg.model_copy(
+        return self.model_copy(
             update={
-                "base": anchored(cfg.base),
-                "sources": tuple(anchored(s) for s in cfg.sources),
+                "base": anchored(self.base),
+                "sources": tuple(anchored(s) for s in self.sources),
                 "dataflow": flow,
                 "mixture": mix,
-                "fitness": cfg.fitness.model_copy(update={"tasks": tasks}),
+                "fitness": self.fitness.model_copy(update={"tasks": tasks}),
             }
         )

@@ -1,6 +1,14 @@
 """The `evomerge` command. Each sub-module adds its commands to `app`."""
 
-from evomerge.cli import dashboard, evaluate, merge, plan, study, zoo  # noqa: F401  (registers commands)
+from evomerge.cli import (  # noqa: F401  (registers commands)
+    dashboard,
+    evaluate,
+    glue,
+    merge,
+    plan,
+    study,
+    zoo,
+)
 from evomerge.cli.app import app
 
 __all__ = ["app"]

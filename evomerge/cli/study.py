@@ -139,9 +139,16 @@ def _drive_dataflow_stage(config: StudyConfig, store) -> None:
 
 def _drive_mixture_stage(config: StudyConfig, store) -> None:
     """Merge+mix (Model-GLUE): mix the best merge with `mixture.others`."""
-    assert config.mixture is not None
+    from transformers import AutoConfig
+
+    assert config.mixture is not None and config.base is not None
+    layers = AutoConfig.from_pretrained(config.model_paths()[config.base]).num_hidden_layers
     others = ", ".join(config.mixture.others)
-    _drive_on_best(config, store, config.mixture_stage, f"mixes it with {others}")
+
+    def stage(merge_json: str) -> StudyConfig:
+        return config.mixture_stage(merge_json, layers)
+
+    _drive_on_best(config, store, stage, f"mixes it with {others}")
 
 
 def _drive_on_best(config: StudyConfig, store, make_stage, what: str) -> None:

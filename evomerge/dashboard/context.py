@@ -75,4 +75,5 @@ def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(ago=ago, num=num)
     templates.env.globals["study_url"] = study_url
+    templates.env.globals["zip"] = zip
     return templates
