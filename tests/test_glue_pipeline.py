@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM
 
 import evomerge.glue  # noqa: F401  (registers the mixture with the Auto classes)
 from evomerge.config import ConfigError, StudyConfig
+from evomerge.coordinator import Coordinator
 from evomerge.fitness import Evaluator
 from evomerge.glue.kinship import ZooAnalysis
 from evomerge.glue.mixture import MixtureForCausalLM
 from evomerge.glue.pipeline import GlueConfig, plan, selection_study, stage_names
 from evomerge.recipe import Recipe
 from storage import Store
-from tests.test_coordinator import _evomerge
+from tests.test_coordinator import _evomerge, register
 from tests.test_glue_selection import _kill_when
 
 STUDY = {
@@ -114,6 +115,47 @@ def test_mixture_study_config_errors(mixture, error) -> None:
         StudyConfig.from_yaml(json.dumps(data))
 
 
+MIX = """
+name: mix
+zoo: test
+method: mixture
+sources: [zoo:translate, zoo:stranger-upper, zoo:reverse]
+mixture:
+  prompts: [[zoo:translate], [zoo:upper], [zoo:reverse]]
+  layers: [2, 4]
+  pooling: [last]
+  prompts_per_task: 4
+fitness: {tasks: [zoo:translate, zoo:upper, zoo:reverse], limit: 32, heldout_limit: 64}
+budget: {trials: 50, heldout_top_k: 1}
+workers: {count: 2, cpus_per_worker: 0.5, torch_threads: 1}
+"""
+
+
+def test_a_mixture_study_scores_each_router_candidate_once(zoo_dir, ray_local, store) -> None:
+    """Three whole models (two families) behind a router: one trial per router candidate,
+    the study ends when the candidates do, and its best mixture beats each expert."""
+    cfg = StudyConfig.from_yaml(MIX)
+    register(store, cfg)
+    summary = Coordinator(cfg, store).run()
+    assert summary.status == "finished" and summary.reason == "every router candidate scored"
+    rows = store.trials("mix")
+    assert sorted(Recipe.from_json(r.recipe_json).mixture.layer for r in rows) == [2, 4]
+    best = store.best("mix", top=1, by="heldout")[0]
+    table = json.loads((zoo_dir / "zoo.json").read_text())["held_out"]
+    for expert in ("translate", "stranger-upper", "reverse"):
+        skills = ("translate", "upper", "reverse")
+        assert best.heldout > sum(table[expert][s] for s in skills) / 3 + 0.2, expert
+
+
+def test_a_mixture_of_other_tokenizers_is_refused(zoo_dir, tmp_path) -> None:
+    from tests.fixtures_models import make_family
+
+    other = make_family(tmp_path, "llama", n_sources=0).base
+    text = MIX.replace("zoo:reverse]\nmixture", f"{other}]\nmixture")
+    with pytest.raises(ValueError, match=r"tokenizers differ.*mixes models that share"):
+        Coordinator(StudyConfig.from_yaml(text), Store(f"sqlite:///{tmp_path / 'x.db'}"))
+
+
 def _write(tmp_path: Path, **changes) -> Path:
     data = glue_config(
         models=[*MODELS[:-1], "zoo:stranger-upper"],
@@ -156,7 +198,13 @@ def test_glue_on_the_test_zoo_beats_every_model_and_resumes_to_the_same_report(
 
     best = store.best("g-evolve-mix", top=1, by="heldout")[0]
     proc = _evomerge(
-        "export", "g-evolve-mix", str(best.number), "--out", str(tmp_path / "mix"), env=env
+        "export",
+        "g-evolve-mix",
+        "--trial",
+        str(best.number),
+        "--out",
+        str(tmp_path / "mix"),
+        env=env,
     )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
