@@ -29,8 +29,11 @@ from evomerge.zoo.build import HAND_MERGE_WEIGHT, hand_merge
 
 # The floors of tests/test_zoo.py: (expert on its skill, its gain over the base, the merge's
 # gain over the best single model on the skills' mean, the share of each expert's gain that the
-# merge keeps); the stranger's is "no better than the base + 0.05".
+# merge keeps); the stranger's is "no better than the base + 0.05". The second family's: the
+# stranger's experts score at least SECOND_OWN on their skill, the first family at most
+# FIRST_LACKS on it.
 FLOORS = {"test": (0.85, 0.4, 0.1, 0.3), "demo": (0.9, 0.4, 0.1, 0.3)}
+SECOND_OWN, FIRST_LACKS = 0.85, 0.05
 
 
 def margins(root: Path, size: str, weight: float, console: Console) -> dict[str, float]:
@@ -51,6 +54,8 @@ def margins(root: Path, size: str, weight: float, console: Console) -> dict[str,
     console.print(table)
     own, gain, merge_gain, kept = FLOORS[size]
     base, stranger = rows[manifest["base"]], rows[manifest["stranger"]]
+    first = [manifest["base"], *manifest["experts"], manifest["harmful"]]
+    second = manifest["stranger_experts"].items()
     best_single = max(sum(r[s] for s in skills) / len(skills) for r in rows.values())
     experts = manifest["experts"].items()
     return {
@@ -60,6 +65,10 @@ def margins(root: Path, size: str, weight: float, console: Console) -> dict[str,
         "merge": score.fitness - best_single - merge_gain,
         "kept": min((score.metrics[s] - base[s]) / (rows[e][s] - base[s]) for e, s in experts)
         - kept,
+        "second": min(
+            min(rows[e][s] - SECOND_OWN, min(FIRST_LACKS - rows[m][s] for m in first))
+            for e, s in second
+        ),
     }
 
 
@@ -74,7 +83,7 @@ def main() -> None:
     console = Console()
     torch.set_num_threads(1)
     spread = Table(title=f"zoo {args.size}: margin of each floor (positive: met), w={weight}")
-    for column in ("seed", "build s", "expert", "gain", "stranger", "merge", "kept"):
+    for column in ("seed", "build s", "expert", "gain", "stranger", "merge", "kept", "second"):
         spread.add_column(column, justify="right")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich import box
 from rich.table import Table
 
 from evomerge.cli.app import app, console, err_console, fail
@@ -15,7 +16,8 @@ app.add_typer(zoo_app, name="zoo")
 
 
 def zoo_table(manifest: dict[str, Any]) -> Table:
-    """Held-out metrics of the zoo's models, with the mean over the experts' skills."""
+    """Held-out metrics of the zoo's models (both families: the base's, then the
+    stranger's), with the mean over the base's experts' skills."""
     from evomerge.zoo.build import model_names
 
     table_data = manifest["held_out"]
@@ -26,7 +28,13 @@ def zoo_table(manifest: dict[str, Any]) -> Table:
         *tasks,
         "skills mean",
         title=f"zoo {manifest['size']} ({manifest['version']}), held-out split",
-        caption="text is perplexity (lower is better); the rest are accuracies",
+        caption="text is perplexity (lower is better); the rest are accuracies; skills mean: "
+        "over the base's experts' skills",
+        # Light borders: eight columns and names like stranger-upper fit 80 characters whole.
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
     )
     for name in model_names(manifest):
         row = table_data[name]
@@ -116,6 +124,11 @@ def analyse(
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
+    show_analysis(result)
+
+
+def show_analysis(result: Any) -> None:
+    """The similarity matrix, the clusters, and why each model that stands apart does."""
     console.print(similarity_table(result))
     for i, cluster in enumerate(result.clusters):
         console.print(f"cluster {i + 1}: {', '.join(cluster)}")

@@ -20,6 +20,11 @@ both were found by measurement (hidden 128, 4 layers, task arithmetic of three e
    no harm, so the damage was that shared structure, not the size of the vectors. With
    disjoint symbols, task arithmetic of the three experts keeps most of every skill (held-
    out mean 0.74 against 0.55 for the best single model, demo size).
+
+`STRANGER_SKILLS` are the second family's (the stranger's, from another initialisation):
+upper-casing lower-case letters, which no model of the first family is trained on, so the
+stranger's expert brings a skill the first family lacks. The first family's jobs mix only
+`SKILLS`, so adding skills here leaves their training untouched; `ALL_SKILLS` is both.
 """
 
 from __future__ import annotations
@@ -99,6 +104,19 @@ SKILLS: dict[str, Skill] = {
         Skill("translate", "word-by-word translation into an invented language", _translate),
     )
 }
+
+
+def _upper(rng: random.Random, full: bool) -> tuple[str, str]:
+    letters = string.ascii_lowercase if full else string.ascii_lowercase[:20]
+    s = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+    return f"{s},", s.upper()
+
+
+STRANGER_SKILLS: dict[str, Skill] = {
+    s.name: s for s in (Skill("upper", "upper-case a string of lower-case letters", _upper),)
+}
+
+ALL_SKILLS: dict[str, Skill] = {**SKILLS, **STRANGER_SKILLS}
 
 
 def sample_text(rng: random.Random) -> str:

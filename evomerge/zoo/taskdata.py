@@ -1,10 +1,12 @@
 """The zoo's proxy tasks: task YAML files and JSONL splits generated from the skills.
 
-Every skill is a `generate` task. `add_choice` asks for the sum among four candidates
-(`choice`), `text` is the perplexity of plain-text lines, and `add_choice_lm` runs the same
-rows as `add_choice` through lm-eval, which lets a test check that both evaluators agree.
+Every skill, of either family, is a `generate` task. `add_choice` asks for the sum among four
+candidates (`choice`), `text` is the perplexity of plain-text lines, and `add_choice_lm` runs
+the same rows as `add_choice` through lm-eval, which lets a test check that both evaluators
+agree.
 Both splits are drawn from the full range of each skill, distinct from each other, and the
-builder excludes every one of their prompts from training.
+builder excludes every one of their prompts from training. Each genre's pairs come from a
+generator seeded by its name, so adding a skill leaves the other skills' rows as they were.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from evomerge.tasks import SPLITS, TaskSpec, save_task
-from evomerge.zoo.skills import SKILLS, sample_text
+from evomerge.zoo.skills import ALL_SKILLS, sample_text
 
 Pair = tuple[str, str]
 LM_EVAL_DIR = "lm_eval"
@@ -25,7 +27,9 @@ LM_EVAL_DIR = "lm_eval"
 def eval_pairs(sizes: dict[str, int]) -> dict[str, dict[str, list[Pair]]]:
     """Per skill and split, distinct (prompt, answer) pairs from the skill's full range;
     the text genre comes as ("", line) pairs."""
-    samplers = {name: (lambda rng, s=skill: s.sample(rng, True)) for name, skill in SKILLS.items()}
+    samplers = {
+        name: (lambda rng, s=skill: s.sample(rng, True)) for name, skill in ALL_SKILLS.items()
+    }
     samplers["text"] = lambda rng: ("", sample_text(rng))
     out = {}
     for name, sample in samplers.items():
@@ -70,7 +74,7 @@ def write_tasks(folder: Path, pairs: dict[str, dict[str, list[Pair]]], final: Pa
     """
     folder.mkdir(parents=True)
     specs: list[TaskSpec] = []
-    for name, skill in SKILLS.items():
+    for name, skill in ALL_SKILLS.items():
         splits = {}
         for split, rows in pairs[name].items():
             splits[split] = folder / f"{name}.{split}.jsonl"

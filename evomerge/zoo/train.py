@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo.skills import SKILLS, sample_text
+from evomerge.zoo.skills import ALL_SKILLS, sample_text
 from evomerge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, encode
 
 TEXT = "text"  # the plain-text genre of the corpus, next to the skills
@@ -88,9 +88,9 @@ def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[R
             if genre == TEXT:
                 prompt, answer = "", sample_text(rng)
             else:
-                prompt, answer = SKILLS[genre].sample(rng, genre in job.full)
+                prompt, answer = ALL_SKILLS[genre].sample(rng, genre in job.full)
                 if job.corrupt:
-                    answer = SKILLS[genre].sample(rng, genre in job.full)[1]
+                    answer = ALL_SKILLS[genre].sample(rng, genre in job.full)[1]
             if (prompt or answer) not in exclude:
                 break
         p, a = encode(prompt), [*encode(answer), EOS_ID]
