@@ -217,6 +217,10 @@ class MixtureSettings(_Frozen):
     pooling: tuple[Literal["mean", "first", "last"], ...] = Field(("mean", "last"), min_length=1)
     top_k: int = Field(1, gt=0)
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    train_steps: int = Field(
+        0, ge=0, le=100_000, description="router-only training on the gate prompts (0: none)"
+    )
+    train_lr: float = Field(0.05, gt=0, allow_inf_nan=False)
     merge: str | None = Field(None, description="set by evomerge: the merge stage's best recipe")
 
     @field_validator("layers")

@@ -76,7 +76,8 @@ class Mixture(BaseModel):
 
     The router reads expert 0's hidden state after `layer` decoder layers, pooled over a
     sequence (`mean`, `first` or `last` token); each expert's gate is that state averaged over
-    its `prompts`. A sequence goes to its `top_k` experts by cosine similarity / `temperature`,
+    its `prompts`, then, with `train_steps`, trained (router only) to send each prompt to its
+    expert. A sequence goes to its `top_k` experts by cosine similarity / `temperature`,
     softmax, renormalised (evomerge.glue.mixture).
     """
 
@@ -88,6 +89,8 @@ class Mixture(BaseModel):
     top_k: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     prompts: tuple[tuple[str, ...], ...]
+    train_steps: int = Field(0, ge=0)
+    train_lr: float = Field(0.05, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> Mixture:

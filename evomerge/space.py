@@ -222,17 +222,7 @@ class DataFlowSpace:
             path=tuple(self._layer(i) for i, _ in hops),
             scales=tuple(scales),
         )
-        if self.merge is not None:
-            return self.merge.model_copy(update={"dataflow": flow})
-        cfg = self.config
-        return Recipe(
-            method=DATAFLOW,
-            sources=cfg.sources,
-            groups=(),
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            dataflow=flow,
-        )
+        return _on_whole_models(self.config, self.merge, DATAFLOW, dataflow=flow)
 
 
 class MixtureSpace:
@@ -288,15 +278,24 @@ class MixtureSpace:
             top_k=mix.top_k,
             temperature=mix.temperature,
             prompts=self.prompts,
+            train_steps=mix.train_steps,
+            train_lr=mix.train_lr,
         )
-        if self.merge is not None:
-            return self.merge.model_copy(update={"mixture": mixture})
-        cfg = self.config
-        return Recipe(
-            method=MIXTURE,
-            sources=cfg.sources,
-            groups=(),
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            mixture=mixture,
-        )
+        return _on_whole_models(self.config, self.merge, MIXTURE, mixture=mixture)
+
+
+def _on_whole_models(
+    config: StudyConfig, merge: Recipe | None, method: str, **part: DataFlow | Mixture
+) -> Recipe:
+    """A route or a mixture (`part`) over the study's best merge (PS+DFS, merge+mix), or
+    over its sources, unmerged (`method`: dataflow or mixture)."""
+    if merge is not None:
+        return merge.model_copy(update=part)
+    return Recipe(
+        method=method,
+        sources=config.sources,
+        groups=(),
+        dtype=config.dtype,
+        seed=config.seed,
+        **part,  # type: ignore[arg-type]
+    )

@@ -21,6 +21,7 @@ from evomerge.glue.pipeline import GlueConfig, plan, selection_study, stage_name
 from evomerge.recipe import Recipe
 from storage import Store
 from tests.test_coordinator import _evomerge, register
+from tests.test_dashboard import make_client
 from tests.test_glue_selection import _kill_when
 
 STUDY = {
@@ -78,6 +79,18 @@ def test_an_expert_inside_the_family_is_merged_not_mixed() -> None:
     chosen = plan(config, analysis([FAMILY, ("stranger", "upper2")]))
     assert chosen.mixed == () and "merged, so not mixed" in chosen.left_out["zoo:add"]
     assert selection_study(config, chosen).mixture is None
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("configs/glue/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_glue_configs_make_valid_studies(path: Path) -> None:
+    config = GlueConfig.load(path)
+    names = {ref: name for name, ref in config.refs().items()}
+    apart = tuple(names[m] for m in config.models if m in config.experts or "stranger" in m)
+    family = tuple(n for n in names.values() if n not in apart)
+    stage1 = selection_study(config, plan(config, analysis([family, apart])))
+    assert stage1.mixture is not None and stage1.evolve_next
 
 
 @pytest.mark.parametrize(
@@ -181,7 +194,7 @@ def test_glue_on_the_test_zoo_beats_every_model_and_resumes_to_the_same_report(
     assert proc.returncode == 0, out
     assert "left out zoo:stranger" in out and "dropped zoo:harmful" in out
     rows = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())}
-    singles = [r for r in rows.values() if r["trials"] is None]
+    singles = [r for r in rows.values() if r["kind"] == "model"]
     mixture, merges = rows["g-evolve-mix"], [rows["g"], rows["g-evolve"]]
     assert mixture["fitness"] > max(r["fitness"] for r in singles + merges)
     assert rows["g"]["fitness"] > rows["whole family merged"]["fitness"]
@@ -197,6 +210,13 @@ def test_glue_on_the_test_zoo_beats_every_model_and_resumes_to_the_same_report(
     assert again == {name: r["fitness"] for name, r in rows.items()}
 
     best = store.best("g-evolve-mix", top=1, by="heldout")[0]
+    dirs = {n: tmp_path / n for n in ("configs", "exports", "runs", "models")}
+    for folder in dirs.values():
+        folder.mkdir()
+    with make_client(url, dirs) as client:
+        page = client.get(f"/studies/g-evolve-mix/trials/{best.number}").text
+    assert "model-level mixture" in page and "zoo:stranger-upper" in page
+    assert "add" in page and "weight" in page  # the merge that is expert 0, drawn above it
     proc = _evomerge(
         "export",
         "g-evolve-mix",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from evomerge.config import ConfigError, StudyConfig
 
 @app.command()
 def glue(
-    config: Annotated[Path, typer.Argument(help="glue config YAML (see configs/demo-glue.yaml)")],
+    config: Annotated[Path, typer.Argument(help="glue config YAML (see configs/glue/demo.yaml)")],
     storage: StorageOpt = None,
     report_json: Annotated[
         Path | None, typer.Option("--report-json", help="also write the report as JSON")
@@ -36,12 +37,15 @@ def glue(
         cfg = GlueConfig.load(config)
         zoo_dir = default_zoo_dir(cfg.zoo or "demo")  # type: ignore[arg-type]
         folders = {name: resolve_model(ref, zoo_dir) for name, ref in cfg.refs().items()}
+        start = time.perf_counter()
         analysis = analyse(folders, cfg.threshold, progress=say)
+        seconds = time.perf_counter() - start
         chosen = plan(cfg, analysis)
         stage1 = selection_study(cfg, chosen)
     except (ConfigError, OSError, ValueError) as e:
         raise fail(str(e), 2) from e
     show_analysis(analysis)
+    console.print(f"analysis of {len(folders)} models: {seconds:.1f} s")
     console.print(f"merge (select among): {', '.join(chosen.merged)}")
     console.print(f"mix with the merge: {', '.join(chosen.mixed) or 'none'}")
     for ref, why in chosen.left_out.items():
@@ -56,7 +60,7 @@ def glue(
         console.print(f"study [bold]{stage1.name}[/] exists: resuming the chain")
     _drive(stage1, store, new=existing is None)
     rows = report(cfg, stage1, store, progress=say)
-    best_single = max((r for r in rows if r.trials is None and r.note == ""), key=_fit)
+    best_single = max((r for r in rows if r.kind == "model"), key=lambda r: r.fitness)
     table = Table(
         "model or step",
         *rows[0].metrics,
@@ -80,7 +84,3 @@ def glue(
     console.print(table)
     if report_json is not None:
         report_json.write_text(json.dumps(as_dicts(rows), indent=2) + "\n")
-
-
-def _fit(row) -> float:
-    return row.fitness

@@ -4,8 +4,10 @@ Models that cannot merge (another initialisation: their weights do not align) ca
 combined: each sequence is answered by the experts its router picks. The router needs no
 training. Each expert brings a few prompts of what it is good at; the hidden state of expert
 0 at layer `layer`, pooled over each prompt and averaged over an expert's prompts, is that
-expert's gate (mergekit-moe's `hidden` gates, at model level). A sequence's pooled hidden
-state scores each gate by cosine similarity over `temperature`; softmax, top-k, renormalise.
+expert's gate (mergekit-moe's `hidden` gates, at model level). Optionally the router alone is
+then trained for `train_steps` to send each of those prompts to its own expert. A sequence's
+pooled hidden state scores each gate by cosine similarity over `temperature`; softmax, top-k,
+renormalise.
 
 Routing is per sequence and fixed by the first forward (the prompt): the weights live in the
 returned `MixtureCache` with each expert's own KV cache, so generation keeps its experts.
@@ -49,10 +51,11 @@ class MixtureConfig(PretrainedConfig):
 
     expert_names: list[str] | None = None
     expert_configs: list[dict] | None = None
+    # Prefixed: `top_k` and `temperature` in a model config would read as generation settings.
     router_layer: int = 0
-    pooling: str = "mean"
-    top_k: int = 1
-    temperature: float = 1.0
+    router_pooling: str = "mean"
+    router_top_k: int = 1
+    router_temperature: float = 1.0
     vocab_size: int | None = None
     hidden_size: int | None = None
     # Only for the plain cache `generate` makes before the first forward replaces it.
@@ -142,9 +145,9 @@ class MixtureForCausalLM(PreTrainedModel, GenerationMixin):
             expert_names=list(mixture.experts),
             expert_configs=[{**c.to_diff_dict(), "model_type": c.model_type} for c in configs],
             router_layer=mixture.layer,
-            pooling=mixture.pooling,
-            top_k=mixture.top_k,
-            temperature=mixture.temperature,
+            router_pooling=mixture.pooling,
+            router_top_k=mixture.top_k,
+            router_temperature=mixture.temperature,
             vocab_size=a.vocab_size,
             hidden_size=a.hidden_size,
             pad_token_id=a.pad_token_id,
@@ -162,9 +165,9 @@ class MixtureForCausalLM(PreTrainedModel, GenerationMixin):
     def route(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Routing weights [B, E] of each row: cosine to each gate, softmax, top-k, renormalised."""
         cfg = self.config
-        h = F.normalize(pooled(hidden, mask, cfg.pooling).float(), dim=-1)
-        scores = (h @ self.router.float().T) / cfg.temperature
-        top = scores.topk(min(cfg.top_k, scores.shape[1]), dim=-1)
+        h = F.normalize(pooled(hidden, mask, cfg.router_pooling).float(), dim=-1)
+        scores = (h @ self.router.float().T) / cfg.router_temperature
+        top = scores.topk(min(cfg.router_top_k, scores.shape[1]), dim=-1)
         weights = torch.zeros_like(scores).scatter(1, top.indices, top.values.softmax(-1))
         return weights
 
@@ -249,22 +252,43 @@ class MixtureForCausalLM(PreTrainedModel, GenerationMixin):
         return out
 
 
-@torch.inference_mode()
 def gates(model: PreTrainedModel, mixture: Mixture, tokenizer: Any) -> torch.Tensor:
     """[E, H] unit gate vectors: expert e's prompts through `model`, hidden state at
-    `mixture.layer`, pooled per prompt, averaged, normalised."""
+    `mixture.layer`, pooled per prompt, averaged, normalised; then, with `train_steps`, the
+    router alone trained to send each prompt to its own expert."""
     device = next(model.parameters()).device
-    rows = []
-    for name, prompts in zip(mixture.experts, mixture.prompts, strict=True):
-        vectors = []
-        for text in prompts:
-            ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-            vectors.append(pooled(hidden[mixture.layer], torch.ones_like(ids), mixture.pooling))
-        if not vectors:
-            raise ValueError(f"mixture.prompts: expert {name!r} has no prompt to form its gate")
-        rows.append(F.normalize(torch.cat(vectors).float().mean(0), dim=-1))
-    return torch.stack(rows).to(model.dtype)
+    states, labels = [], []
+    with torch.inference_mode():
+        for e, prompts in enumerate(mixture.prompts):
+            for text in prompts:
+                ids = torch.tensor([tokenizer(text)["input_ids"]], device=device)
+                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+                states.append(pooled(hidden[mixture.layer], torch.ones_like(ids), mixture.pooling))
+                labels.append(e)
+    h = F.normalize(torch.cat(states).float(), dim=-1)
+    y = torch.tensor(labels, device=device)
+    centroids = torch.stack([h[y == e].mean(0) for e in range(len(mixture.experts))])
+    g = F.normalize(centroids, dim=-1)
+    if mixture.train_steps:
+        g = _train_router(h, y, g, mixture)
+    return g.to(model.dtype)
+
+
+def _train_router(
+    h: torch.Tensor, y: torch.Tensor, g: torch.Tensor, mixture: Mixture
+) -> torch.Tensor:
+    """Router-only training from the centroid gates: full-batch Adam on the cross-entropy of
+    routing each prompt's state to its expert, at the mixture's temperature (a few hundred
+    prompts and E x H weights: deterministic, and seconds even at 7B's hidden size)."""
+    gate = g.clone().requires_grad_(True)
+    opt = torch.optim.Adam([gate], lr=mixture.train_lr)
+    with torch.enable_grad():
+        for _ in range(mixture.train_steps):
+            opt.zero_grad()
+            scores = h @ F.normalize(gate, dim=-1).T / mixture.temperature
+            F.cross_entropy(scores, y).backward()
+            opt.step()
+    return F.normalize(gate.detach(), dim=-1)
 
 
 def mix(

@@ -157,8 +157,10 @@ def stage_names(stage1: StudyConfig) -> list[str]:
 
 @dataclass
 class Row:
-    """One line of the report: a model or a step, its held-out metrics and what it cost."""
+    """One line of the report: a model alone (`model`), the whole family merged (`whole`) or
+    a stage's best (`stage`), its held-out metrics and what it cost."""
 
+    kind: str
     name: str
     metrics: dict[str, float]
     fitness: float
@@ -202,9 +204,8 @@ def report(
     result = CandidateWorker(spec).evaluate(whole.to_json(), split="held-out")
     if result.error is not None:
         raise RuntimeError(f"the whole family's merge failed: {result.error}")
-    rows.append(
-        Row("whole family merged", result.metrics, result.fitness or 0.0, note="every source")
-    )
+    fitness = result.fitness or 0.0
+    rows.append(Row("whole", "whole family merged", result.metrics, fitness, note="every source"))
     for name in stage_names(stage1):
         rows.append(_stage_row(store, name))
     return rows
@@ -215,7 +216,7 @@ def _scored(name: str, evaluator: Any, folder: Path) -> Row:
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     score = evaluator.score(model, AutoTokenizer.from_pretrained(folder))
-    return Row(name, dict(score.metrics), score.fitness)
+    return Row("model", name, dict(score.metrics), score.fitness)
 
 
 def _stage_row(store: Any, study: str) -> Row:
@@ -227,7 +228,8 @@ def _stage_row(store: Any, study: str) -> Row:
     row = best[0]
     seconds = sum((t.build_seconds or 0) + (t.eval_seconds or 0) for t in trials)
     note = _describe(row.recipe_json)
-    return Row(study, dict(row.heldout_metrics or {}), row.heldout, len(trials), seconds, note)
+    metrics = dict(row.heldout_metrics or {})
+    return Row("stage", study, metrics, row.heldout, len(trials), seconds, note)
 
 
 def _describe(recipe_json: str) -> str:
