@@ -1,0 +1,270 @@
+"""A fusion job: FuseLLM's continual training of a target on its sources' fused distributions.
+
+`FusionConfig` is validated like a study config (a `ConfigError` names the field or file,
+and nothing is written). `prepare` runs each source over the corpus once (cached by content,
+`distributions`), aligns every line to the target's tokens and fuses the sources (MinCE or
+AvgCE); `train` then minimises λ·L_CLM + (1 - λ)·L_fusion, where L_fusion is the
+cross-entropy of the target's next-token distribution against the fused top-k one. λ = 1 is
+the CLM-only control on the same text and steps.
+
+Training is deterministic and resumable: batch s is drawn from `seed` and s alone, and a
+checkpoint holds the model, the optimizer and the losses so far, written to a temporary
+folder and renamed, so a job killed at any point resumes from its last checkpoint and ends
+with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evomerge.config import ConfigError, anchor
+from evomerge.fusion.align import VocabMapping, align_distributions, align_tokens
+from evomerge.fusion.distributions import distributions, load, read_corpus
+from evomerge.fusion.fuse import fuse
+
+Say = Callable[[str], None]
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(200, gt=0, le=10_000_000)
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    batch: int = Field(16, gt=0, le=65536)
+    max_length: int = Field(128, gt=1, le=1_000_000)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, gt=0)
+
+
+class FusionConfig(BaseModel):
+    """One fusion job. Model refs are folders or `zoo:NAME` (see `zoo`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
+    zoo: Literal["demo", "test"] | None = None
+    target: str
+    sources: tuple[str, ...] = Field(min_length=1)
+    corpus: str
+    k: int = Field(10, gt=0, le=1000, description="top-k tokens kept per source and position")
+    alignment: Literal["mined", "exact"] = "mined"
+    fusion: Literal["min_ce", "avg_ce"] = "min_ce"
+    lam: float = Field(
+        0.9, ge=0, le=1, allow_inf_nan=False, description="weight of L_CLM; 1 = CLM only"
+    )
+    train: TrainSettings = TrainSettings()
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: object) -> FusionConfig:
+        """Read and validate a YAML file; relative paths are relative to it."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ConfigError(f"{p}: expected a mapping at the top level")
+            data.update({k: v for k, v in overrides.items() if v is not None})
+            cfg = cls.model_validate(data)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        except ValidationError as e:
+            lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise ConfigError(f"{p}: invalid fusion config\n" + "\n".join(lines)) from e
+        folder = p.parent
+        return cfg.model_copy(
+            update={
+                "target": anchor(cfg.target, folder),
+                "sources": tuple(anchor(s, folder) for s in cfg.sources),
+                "corpus": anchor(cfg.corpus, folder),
+            }
+        )
+
+    def paths(self) -> tuple[Path, list[Path], Path]:
+        """(target, sources, corpus) resolved; the first missing one raises, by name."""
+        from evomerge.zoo import default_zoo_dir, resolve_model
+
+        zoo_dir = default_zoo_dir(self.zoo or "demo")
+        corpus = Path(self.corpus)
+        if self.corpus.startswith("zoo:"):
+            corpus = zoo_dir / self.corpus[4:]
+        return (
+            resolve_model(self.target, zoo_dir),
+            [resolve_model(s, zoo_dir) for s in self.sources],
+            corpus,
+        )
+
+    def check(self) -> tuple[Path, list[Path], list[str]]:
+        """Everything that can be checked before anything is written: the models are causal
+        LMs with tokenizers, the corpus has text, the target's tokenizer encodes all of it.
+        Returns (target, sources, corpus lines); raises ConfigError naming the problem."""
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            target, sources, corpus = self.paths()
+            lines = read_corpus(corpus)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        for ref, path in zip((self.target, *self.sources), (target, *sources), strict=True):
+            config = AutoConfig.from_pretrained(path)
+            if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+                raise ConfigError(f"{ref}: {config.model_type!r} is not a causal language model")
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        unk = tokenizer.unk_token_id
+        for n, line in enumerate(lines, 1):
+            ids = tokenizer(line)["input_ids"]
+            if not ids or (unk is not None and unk in ids):
+                raise ConfigError(
+                    f"target {self.target}: its tokenizer cannot encode corpus line {n}: {line!r}"
+                )
+        return target, sources, lines
+
+
+@dataclass
+class Example:
+    """One corpus line on the target's tokens, with the fused distribution of each token
+    (row i: the distribution that predicted token i)."""
+
+    tokens: torch.Tensor  # [T]
+    ids: torch.Tensor  # [T, k]
+    probs: torch.Tensor  # [T, k]
+
+
+def prepare(config: FusionConfig, say: Say | None = None) -> list[Example]:
+    """Distributions of every source (cached), aligned to the target and fused per line."""
+    from transformers import AutoTokenizer
+
+    target, sources, lines = config.check()
+    cfg, corpus = config, config.paths()[2]
+    tgt_tok = AutoTokenizer.from_pretrained(target)
+    targets = [torch.tensor(tgt_tok(line)["input_ids"][: cfg.train.max_length]) for line in lines]
+    per_source = []
+    for path in sources:
+        file = distributions(path, corpus, cfg.k, max_length=cfg.train.max_length, progress=say)
+        src_tok = AutoTokenizer.from_pretrained(path)
+        mapping = VocabMapping(src_tok.get_vocab(), tgt_tok.get_vocab(), mode=cfg.alignment)
+        aligned = []
+        for (tokens, ids, probs), gold in zip(load(file), targets, strict=True):
+            pairs = align_tokens(
+                src_tok.convert_ids_to_tokens(tokens.tolist()),
+                tgt_tok.convert_ids_to_tokens(gold.tolist()),
+                mode=cfg.alignment,
+            )
+            aligned.append(align_distributions(pairs, ids, probs, gold, mapping, k=cfg.k))
+        per_source.append(aligned)
+    examples = []
+    for i, gold in enumerate(targets):
+        ids, probs = fuse([s[i] for s in per_source], gold, cfg.fusion, cfg.k)
+        examples.append(Example(gold, ids, probs))
+    return examples
+
+
+def _batch(examples: list[Example], rows: list[int], pad: int):
+    """Right-padded tokens, mask, fused ids and probabilities (padding: probability 0)."""
+    width = max(len(examples[r].tokens) for r in rows)
+    k = examples[rows[0]].ids.shape[1]
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    ids = torch.zeros(len(rows), width, k, dtype=torch.long)
+    probs = torch.zeros(len(rows), width, k)
+    for b, r in enumerate(rows):
+        e, n = examples[r], len(examples[r].tokens)
+        x[b, :n], mask[b, :n], ids[b, :n], probs[b, :n] = e.tokens, 1, e.ids, e.probs
+    return x, mask, ids, probs
+
+
+def losses(
+    model: torch.nn.Module, batch, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(λ·clm + (1 - λ)·fusion, clm, fusion) of one batch, per predicted token."""
+    x, mask, ids, probs = batch
+    logp = F.log_softmax(model(input_ids=x, attention_mask=mask.long()).logits[:, :-1].float(), -1)
+    valid = mask[:, 1:]
+    count = valid.sum().clamp(min=1)
+    clm = -(logp.gather(-1, x[:, 1:, None])[..., 0] * valid).sum() / count
+    fusion = -((logp.gather(-1, ids[:, 1:]) * probs[:, 1:]).sum(-1) * valid).sum() / count
+    return lam * clm + (1 - lam) * fusion, clm, fusion
+
+
+CHECKPOINT = "checkpoint"
+
+
+def train(config: FusionConfig, examples: list[Example], out: Path, say: Say | None = None) -> Path:
+    """Train a copy of the target in `out` (resuming from `out/checkpoint`); returns the
+    final model folder `out/model`. Losses per step are in `out/losses.jsonl`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = config.train
+    target = config.paths()[0]
+    ckpt = out / CHECKPOINT
+    old = ckpt.with_name(f".{CHECKPOINT}.old")
+    if not ckpt.exists() and old.exists():  # killed between the two renames of a checkpoint
+        old.rename(ckpt)
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(ckpt if ckpt.is_dir() else target)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    history: list[dict] = []
+    start = 0
+    if ckpt.is_dir():
+        state = torch.load(ckpt / "trainer.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        history = json.loads((ckpt / "losses.json").read_text())
+        if say:
+            say(f"resuming {config.name} at step {start}")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for step in range(start, settings.steps):
+        rows = random.Random(f"{settings.seed}:{step}").choices(
+            range(len(examples)), k=settings.batch
+        )
+        opt.zero_grad(set_to_none=True)
+        loss, clm, fusion = losses(model, _batch(examples, rows, pad), config.lam)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{config.name}: loss is {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(
+            {"step": step + 1, "loss": loss.item(), "clm": clm.item(), "fusion": fusion.item()}
+        )
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            _checkpoint(model, opt, done, history, ckpt)
+            if say:
+                say(f"{config.name}: step {done}/{settings.steps} loss {loss.item():.4f}")
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("trainer.pt"))
+    tokenizer.save_pretrained(final)
+    return final
+
+
+def _checkpoint(model, opt, step: int, history: list[dict], ckpt: Path) -> None:
+    """Model, optimizer, step and losses, written beside `ckpt` and renamed over it."""
+    tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+    (tmp / "losses.json").write_text(json.dumps(history))
+    old = ckpt.with_name(f".{CHECKPOINT}.old")
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""A fusion job on tiny checkpoints: validation, the fused data, training and its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.config import ConfigError
+from evomerge.fusion.distributions import distributions, load
+from evomerge.fusion.job import FusionConfig, prepare, train
+from evomerge.zoo.tokenizer import VOCAB, build_tokenizer
+from tests.fixtures_models import make_family
+
+LINES = ["cat dog sun", "12+3=15", "ABC>CBA", "red blue big:", "sun moon star"] * 4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama target, a tiny Llama source and a tiny Qwen2 one (whose tokenizer class
+    drops the spaces the zoo's character tokenizer keeps: another tokenisation), a corpus."""
+    root = tmp_path_factory.mktemp("fusejob")
+    out = {
+        "target": make_family(root / "t", "llama", n_sources=0, seed=5).base,
+        "source": make_family(root / "s", "llama", n_sources=0, seed=6).base,
+        "qwen": make_family(root / "q", "qwen2", n_sources=0, seed=7).base,
+    }
+    for folder in out.values():
+        build_tokenizer().save_pretrained(folder)
+    out["corpus"] = root / "corpus.txt"
+    out["corpus"].write_text("\n".join(LINES) + "\n")
+    return out
+
+
+def config(folders, **changes) -> FusionConfig:
+    data = {
+        "name": "f",
+        "target": str(folders["target"]),
+        "sources": [str(folders["source"])],
+        "corpus": str(folders["corpus"]),
+        "k": 4,
+        "train": {"steps": 6, "batch": 4, "checkpoint_every": 2, "lr": 1e-3},
+    }
+    return FusionConfig.model_validate(data | changes)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+
+
+def test_one_source_with_the_targets_tokenizer_is_fused_unchanged(folders) -> None:
+    cfg = config(folders)
+    examples = prepare(cfg)
+    file = distributions(folders["source"], folders["corpus"], 4, max_length=128)
+    for example, (tokens, ids, probs) in zip(examples, load(file), strict=True):
+        assert example.tokens.tolist() == tokens.tolist()
+        for row in range(1, len(tokens)):  # the same tokens, with the same probabilities
+            fused = zip(example.ids[row].tolist(), example.probs[row].tolist(), strict=True)
+            got = {i: p for i, p in fused if p > 0}
+            # the tiny model's 96 logits outnumber the 74 tokens of the tokenizer: ids past
+            # the vocabulary map to no token and drop out
+            pairs = zip(ids[row].tolist(), probs[row].tolist(), strict=True)
+            known = [(i, p) for i, p in pairs if i < len(VOCAB) and p > 0]
+            total = sum(p for _, p in known)
+            assert got == pytest.approx({i: p / total for i, p in known}, abs=1e-6)
+
+
+def test_a_resumed_job_ends_with_the_weights_of_an_uninterrupted_one(folders, tmp_path) -> None:
+    cfg = config(folders, sources=[str(folders["source"]), str(folders["qwen"])], fusion="avg_ce")
+    examples = prepare(cfg)
+    whole = train(cfg, examples, tmp_path / "whole")
+    short = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 4})})
+    train(short, examples, tmp_path / "cut")  # a job killed after its step-4 checkpoint
+    resumed = train(cfg, examples, tmp_path / "cut")
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    steps = json.loads((tmp_path / "cut" / "checkpoint" / "losses.json").read_text())
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    start = load_file(folders["target"] / "model.safetensors")
+    assert any(not torch.equal(a[n], start[n]) for n in a)
+
+
+def test_lambda_one_is_the_clm_only_control(folders, tmp_path) -> None:
+    """With λ = 1 the fused distributions have no say: any fusion trains the same weights."""
+    clm = config(folders, lam=1.0)
+    examples = prepare(clm)
+    flat = [e.__class__(e.tokens, e.ids, torch.full_like(e.probs, 0.25)) for e in examples]
+    a = load_file(train(clm, examples, tmp_path / "a") / "model.safetensors")
+    b = load_file(train(clm, flat, tmp_path / "b") / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"lam": 1.5}, "lam"),
+        ({"fusion": "max_ce"}, "fusion"),
+        ({"alignment": "fuzzy"}, "alignment"),
+    ],
+)
+def test_bad_settings_are_refused_by_field(folders, change, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        config(folders, **change)
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(folders, tmp_path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="corpus file is empty"):
+        config(folders, corpus=str(empty)).check()
+    with pytest.raises(ConfigError, match="corpus file not found"):
+        config(folders, corpus=str(tmp_path / "nope.txt")).check()
+    accents = tmp_path / "accents.txt"
+    accents.write_text("café au lait\n")
+    with pytest.raises(ConfigError, match="cannot encode corpus line 1"):
+        config(folders, corpus=str(accents)).check()
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ConfigError, match="'vit' is not a causal language model"):
+        config(folders, sources=[str(vision)]).check()
+    assert not (tmp_path / "cache").exists()
