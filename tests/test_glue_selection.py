@@ -136,13 +136,7 @@ def test_selection_study_drops_the_harmful_model(zoo_dir, ray_local, store) -> N
     summary = Coordinator(by_similarity, store).run()
     assert summary.status == "finished", summary.reason
     assert summary.complete == 3 + 2 * len(GRID)
-    # A newcomer that does not lower the fitness stays, at its best coefficient: on some CPUs'
-    # test zoos harmful at a small coefficient ties the merge without it (32 search rows).
-    # Either way harmful ends with the smallest weight, and the merge beats the whole family.
-    chosen = Recipe.from_json(store.best("similar", top=1)[0].recipe_json).params["weight"][0]
-    assert chosen[1] == min(chosen) and summary.best_fitness > whole_family
-    if "zoo:harmful" not in summary.reason.split("; dropped")[0]:
-        assert "dropped zoo:harmful: its best coefficient" in summary.reason
+    assert "dropped zoo:harmful: its best coefficient" in summary.reason
 
 
 @pytest.mark.parametrize(
