@@ -22,6 +22,11 @@ KILL_POINTS = (
     "heldout-stored",  # one held-out re-score stored, the others not
     "stage-1-finished",  # PS+DFS: stage 1 ended, stage 2 not yet registered
 )
+# A fusion job's (evomerge.fusion.job), in the order a training step passes them.
+FUSION_KILL_POINTS = (
+    "fusion-step",  # an optimizer step done, its checkpoint (if one is due) not yet written
+    "fusion-swap",  # the old checkpoint renamed aside, the new one not yet in its place
+)
 _seen: dict[str, int] = {}
 
 

@@ -16,11 +16,12 @@ from storage.errors import (
     UnknownStudyError,
     UnknownTrialError,
 )
-from storage.records import RunInfo, StudyInfo, StudySummary, TrialRow
+from storage.records import FusionJobInfo, RunInfo, StudyInfo, StudySummary, TrialRow
 from storage.store import RUN_INTERRUPTED, Store
 
 __all__ = [
     "RUN_INTERRUPTED",
+    "FusionJobInfo",
     "LeaseLostError",
     "RunInfo",
     "SchemaError",

@@ -71,3 +71,17 @@ class TrialRow:
     run_id: int | None
     started_at: datetime
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class FusionJobInfo:
+    """A fusion job (FuseLLM): its config, status, where it writes, and its evaluation."""
+
+    name: str
+    config_yaml: str
+    status: str
+    out_dir: str
+    evaluation: dict | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime

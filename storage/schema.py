@@ -20,6 +20,7 @@ STUDY_STATUSES = ("created", "running", "stopped", "finished", "failed", "interr
 RUN_STATUSES = ("running", "stopped", "finished", "failed", "interrupted")
 TRIAL_STATES = ("RUNNING", "COMPLETE", "FAIL", "PRUNED")
 STOP_MODES = ("stop", "cancel")
+FUSION_STATUSES = ("created", "running", "finished", "failed")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -121,4 +122,35 @@ trials = sa.Table(
     sa.UniqueConstraint("study_id", "number"),
     sa.Index(None, "study_id", "state"),
     sa.Index(None, "study_id", "fitness"),
+)
+
+fusion_jobs = sa.Table(
+    "evomerge_fusion_jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("config_yaml", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("out_dir", sa.Text, nullable=False),
+    sa.Column("evaluation", json_type()),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+fusion_steps = sa.Table(
+    "evomerge_fusion_steps",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "job_id",
+        sa.Integer,
+        sa.ForeignKey("evomerge_fusion_jobs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("loss", sa.Float, nullable=False),
+    sa.Column("clm", sa.Float, nullable=False),
+    sa.Column("fusion", sa.Float, nullable=False),
+    sa.UniqueConstraint("job_id", "step"),
 )

@@ -41,12 +41,15 @@ from storage.errors import (
     UnknownTrialError,
     translated,
 )
-from storage.records import RunInfo, StudyInfo, StudySummary, TrialRow
+from storage.records import FusionJobInfo, RunInfo, StudyInfo, StudySummary, TrialRow
 from storage.schema import (
+    FUSION_STATUSES,
     RUN_STATUSES,
     STOP_MODES,
     STUDY_STATUSES,
     TRIAL_STATES,
+    fusion_jobs,
+    fusion_steps,
     runs,
     studies,
     trials,
@@ -73,6 +76,7 @@ _RESULT_FIELDS = (
 
 
 _STUDY_FIELDS = frozenset(f.name for f in fields(StudyInfo))
+_JOB_FIELDS = frozenset(f.name for f in fields(FusionJobInfo))
 # The error of a trial whose run died under it; resume fails it in Optuna and re-asks it.
 RUN_INTERRUPTED = "run interrupted (heartbeat lost)"
 
@@ -598,3 +602,89 @@ class Store:
             )
             rows = conn.execute(query).all()
         return [TrialRow(**row._mapping) for row in rows]
+
+    # Fusion jobs (FuseLLM): beside the studies, with their per-step losses
+
+    def create_fusion_job(self, name: str, config_yaml: str, out_dir: str) -> FusionJobInfo:
+        """Register a new fusion job (status `created`); `StudyExistsError` if the name is
+        taken."""
+        now = _now()
+        info = FusionJobInfo(name, config_yaml, "created", out_dir, None, None, now, now)
+        try:
+            with self._tx(write=True) as conn:
+                conn.execute(sa.insert(fusion_jobs).values(**asdict(info)))
+        except IntegrityError as e:
+            raise StudyExistsError(f"fusion job {name!r} already exists in {self.url}") from e
+        return info
+
+    def fusion_job(self, name: str, *, missing_ok: bool = False) -> FusionJobInfo | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(fusion_jobs).where(fusion_jobs.c.name == name)).first()
+        if row is None:
+            if missing_ok:
+                return None
+            raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
+        return FusionJobInfo(**{k: v for k, v in row._mapping.items() if k in _JOB_FIELDS})
+
+    def list_fusion_jobs(self) -> list[FusionJobInfo]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(fusion_jobs).order_by(fusion_jobs.c.id)).all()
+        return [
+            FusionJobInfo(**{k: v for k, v in r._mapping.items() if k in _JOB_FIELDS}) for r in rows
+        ]
+
+    def set_fusion_job(
+        self,
+        name: str,
+        status: str,
+        *,
+        error: str | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A job's status, with the error that failed it or the evaluation that ended it."""
+        _check(status, FUSION_STATUSES, "status")
+        values: dict[str, Any] = {"status": status, "error": error, "updated_at": _now()}
+        if evaluation is not None:
+            values["evaluation"] = dict(evaluation)
+        with self._tx(write=True) as conn:
+            done = conn.execute(
+                sa.update(fusion_jobs).where(fusion_jobs.c.name == name).values(**values)
+            )
+        if done.rowcount == 0:
+            raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
+
+    def record_fusion_steps(self, name: str, steps: list[Mapping[str, float]]) -> None:
+        """The losses of `steps` (dicts with step, loss, clm, fusion), replacing any stored for
+        those steps or later: a resumed job re-runs the steps after its last checkpoint."""
+        if not steps:
+            return
+        first = min(int(s["step"]) for s in steps)
+        with self._tx(write=True) as conn:
+            job = conn.execute(
+                sa.select(fusion_jobs.c.id).where(fusion_jobs.c.name == name)
+            ).scalar()
+            if job is None:
+                raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
+            conn.execute(
+                sa.delete(fusion_steps).where(
+                    fusion_steps.c.job_id == job, fusion_steps.c.step >= first
+                )
+            )
+            rows = [
+                {"job_id": job, **{k: s[k] for k in ("step", "loss", "clm", "fusion")}}
+                for s in steps
+            ]
+            conn.execute(sa.insert(fusion_steps), rows)
+
+    def fusion_steps(self, name: str) -> list[dict[str, float]]:
+        """Every recorded step of a job, in order."""
+        query = (
+            sa.select(
+                fusion_steps.c.step, fusion_steps.c.loss, fusion_steps.c.clm, fusion_steps.c.fusion
+            )
+            .join(fusion_jobs, fusion_jobs.c.id == fusion_steps.c.job_id)
+            .where(fusion_jobs.c.name == name)
+            .order_by(fusion_steps.c.step)
+        )
+        with self._tx(write=False) as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]

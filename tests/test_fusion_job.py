@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from evomerge.config import ConfigError
 from evomerge.fusion.distributions import distributions, load
 from evomerge.fusion.job import FusionConfig, prepare, train
+from evomerge.killpoints import ENV, FUSION_KILL_POINTS
 from evomerge.zoo.tokenizer import VOCAB, build_tokenizer
+from storage import Store
 from tests.fixtures_models import make_family
+from tests.test_coordinator import _evomerge
 
 LINES = ["cat dog sun", "12+3=15", "ABC>CBA", "red blue big:", "sun moon star"] * 4
 
@@ -124,3 +130,40 @@ def test_bad_inputs_are_refused_before_anything_is_written(folders, tmp_path) ->
     with pytest.raises(ConfigError, match="'vit' is not a causal language model"):
         config(folders, sources=[str(vision)]).check()
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("point", [f"{FUSION_KILL_POINTS[0]}:7", f"{FUSION_KILL_POINTS[1]}:3"])
+def test_a_job_sigkilled_mid_training_resumes_to_the_uninterrupted_weights(
+    folders, tmp_path, point
+) -> None:
+    """`evomerge fuse` SIGKILLed at a step (or between a checkpoint's two renames), run again,
+    ends with the weights of a job never interrupted, and the store holds every step once."""
+    url = f"sqlite:///{tmp_path / 'fuse.db'}"
+    env = {**os.environ, "EVOMERGE_STORAGE": url, "COLUMNS": "300"}
+    env["EVOMERGE_CACHE"] = str(tmp_path / "cache")
+    data = config(folders, sources=[str(folders["source"]), str(folders["qwen"])]).model_dump(
+        mode="json", exclude_none=True
+    )
+    data["train"] |= {"steps": 12, "checkpoint_every": 3}
+    for name in ("whole", "cut"):
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump({**data, "name": name, "out": str(tmp_path / name)})
+        )
+    proc = _evomerge("fuse", str(tmp_path / "whole.yaml"), env=env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    proc = _evomerge("fuse", str(tmp_path / "cut.yaml"), env={**env, ENV: point})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out
+    store = Store(url)
+    assert store.fusion_job("cut").status == "running"
+    assert len(store.fusion_steps("cut")) == 6  # the checkpoint of step 6 reached the store
+    proc = _evomerge("fuse", str(tmp_path / "cut.yaml"), env=env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming" in out and store.fusion_job("cut").status == "finished"
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert store.fusion_steps("cut") == store.fusion_steps("whole")
+    assert [s["step"] for s in store.fusion_steps("cut")] == list(range(1, 13))

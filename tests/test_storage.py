@@ -77,6 +77,56 @@ def complete(
 # Schema and migrations
 
 
+def test_a_database_of_the_first_schema_upgrades_keeping_its_studies(db_url: str) -> None:
+    """A store written before fusion jobs existed (revision 0001) gains their tables."""
+    from alembic import command
+    from alembic.config import Config
+
+    from storage.db import MIGRATIONS
+
+    engine = sa.create_engine(db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    engine.dispose()
+    with Store(db_url) as store:
+        add_study(store)
+        store.migrate()
+        assert store.get_study("s").status == "created"
+        store.create_fusion_job("f", "name: f\n", "/tmp/f")
+        store.record_fusion_steps("f", [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}])
+        assert store.fusion_steps("f") == [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}]
+
+
+def test_fusion_jobs_keep_status_evaluation_and_the_steps_of_a_resumed_run(db_url: str) -> None:
+    with Store(db_url) as store:
+        store.migrate()
+        store.create_fusion_job("f", "name: f\n", "/runs/f")
+        with pytest.raises(StudyExistsError, match="fusion job 'f' already exists"):
+            store.create_fusion_job("f", "name: f\n", "/runs/f")
+        steps = [{"step": i, "loss": 3.0 - i, "clm": 3.0, "fusion": 2.0} for i in range(1, 5)]
+        store.record_fusion_steps("f", steps)
+        # killed after step 4, resumed from the step-2 checkpoint: steps 3 on are run again
+        again = [{"step": i, "loss": 9.0, "clm": 3.0, "fusion": 2.0} for i in range(3, 6)]
+        store.record_fusion_steps("f", again)
+        assert [(s["step"], s["loss"]) for s in store.fusion_steps("f")] == [
+            (1, 2.0),
+            (2, 1.0),
+            (3, 9.0),
+            (4, 9.0),
+            (5, 9.0),
+        ]
+        store.set_fusion_job("f", "finished", evaluation={"fused": {"add": 0.5}})
+        job = store.fusion_job("f")
+        assert job.status == "finished" and job.evaluation == {"fused": {"add": 0.5}}
+        assert [j.name for j in store.list_fusion_jobs()] == ["f"]
+        with pytest.raises(ValueError, match="status"):
+            store.set_fusion_job("f", "dancing")
+        assert store.fusion_job("nope", missing_ok=True) is None
+
+
 def test_migrate_is_idempotent_and_matches_schema(db_url: str) -> None:
     with Store(db_url) as store:
         store.migrate()
@@ -89,7 +139,7 @@ def test_migrate_is_idempotent_and_matches_schema(db_url: str) -> None:
         tables = set(sa.inspect(conn).get_table_names())
         assert tables == {VERSION_TABLE, *metadata.tables}, "only evomerge_ tables, no others"
         version = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-        assert version == [("0001",)]
+        assert version == [("0002",)]
         context = MigrationContext.configure(
             conn,
             opts={

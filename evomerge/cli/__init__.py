@@ -3,6 +3,7 @@
 from evomerge.cli import (  # noqa: F401  (registers commands)
     dashboard,
     evaluate,
+    fuse,
     glue,
     merge,
     plan,

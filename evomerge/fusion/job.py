@@ -33,6 +33,7 @@ from evomerge.config import ConfigError, anchor
 from evomerge.fusion.align import VocabMapping, align_distributions, align_tokens
 from evomerge.fusion.distributions import distributions, load, read_corpus
 from evomerge.fusion.fuse import fuse
+from evomerge.killpoints import kill_point
 
 Say = Callable[[str], None]
 
@@ -46,6 +47,15 @@ class TrainSettings(BaseModel):
     max_length: int = Field(128, gt=1, le=1_000_000)
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(50, gt=0)
+
+
+class EvalSettings(BaseModel):
+    """Held-out tasks the fused target, the target before and every source are scored on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[str, ...] = Field(min_length=1)
+    limit: int | None = Field(None, gt=0)
 
 
 class FusionConfig(BaseModel):
@@ -65,6 +75,23 @@ class FusionConfig(BaseModel):
         0.9, ge=0, le=1, allow_inf_nan=False, description="weight of L_CLM; 1 = CLM only"
     )
     train: TrainSettings = TrainSettings()
+    evaluate: EvalSettings | None = None
+    out: str | None = Field(
+        None, description="where checkpoints and the fused model go (default: the cache)"
+    )
+    storage: str | None = None
+
+    def control(self) -> FusionConfig:
+        """The CLM-only control: the same text, steps and seed, λ = 1 (job `<name>-clm`)."""
+        return self.model_copy(update={"name": f"{self.name}-clm", "lam": 1.0})
+
+    def out_dir(self) -> Path:
+        from evomerge.cachedir import cache_root
+
+        return Path(self.out) if self.out else cache_root() / "fusion-jobs" / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
     @classmethod
     def load(cls, path: str | Path, **overrides: object) -> FusionConfig:
@@ -84,11 +111,17 @@ class FusionConfig(BaseModel):
             lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
             raise ConfigError(f"{p}: invalid fusion config\n" + "\n".join(lines)) from e
         folder = p.parent
+        evaluate = cfg.evaluate
+        if evaluate is not None:
+            tasks = tuple(anchor(t, folder) for t in evaluate.tasks)
+            evaluate = evaluate.model_copy(update={"tasks": tasks})
         return cfg.model_copy(
             update={
                 "target": anchor(cfg.target, folder),
                 "sources": tuple(anchor(s, folder) for s in cfg.sources),
                 "corpus": anchor(cfg.corpus, folder),
+                "evaluate": evaluate,
+                "out": None if cfg.out is None else anchor(cfg.out, folder),
             }
         )
 
@@ -202,9 +235,16 @@ def losses(
 CHECKPOINT = "checkpoint"
 
 
-def train(config: FusionConfig, examples: list[Example], out: Path, say: Say | None = None) -> Path:
+def train(
+    config: FusionConfig,
+    examples: list[Example],
+    out: Path,
+    say: Say | None = None,
+    on_checkpoint: Callable[[list[dict]], None] | None = None,
+) -> Path:
     """Train a copy of the target in `out` (resuming from `out/checkpoint`); returns the
-    final model folder `out/model`. Losses per step are in `out/losses.jsonl`."""
+    final model folder `out/model`. `on_checkpoint` gets the steps since the last checkpoint
+    (or since the one resumed from) each time one is written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = config.train
@@ -228,6 +268,7 @@ def train(config: FusionConfig, examples: list[Example], out: Path, say: Say | N
             say(f"resuming {config.name} at step {start}")
     tokenizer = AutoTokenizer.from_pretrained(target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    reported = start
     for step in range(start, settings.steps):
         rows = random.Random(f"{settings.seed}:{step}").choices(
             range(len(examples)), k=settings.batch
@@ -239,12 +280,16 @@ def train(config: FusionConfig, examples: list[Example], out: Path, say: Say | N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        kill_point("fusion-step")
         history.append(
             {"step": step + 1, "loss": loss.item(), "clm": clm.item(), "fusion": fusion.item()}
         )
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             _checkpoint(model, opt, done, history, ckpt)
+            if on_checkpoint:
+                on_checkpoint(history[reported:])
+                reported = done
             if say:
                 say(f"{config.name}: step {done}/{settings.steps} loss {loss.item():.4f}")
     final = out / "model"
@@ -266,5 +311,6 @@ def _checkpoint(model, opt, step: int, history: list[dict], ckpt: Path) -> None:
     old = ckpt.with_name(f".{CHECKPOINT}.old")
     if ckpt.exists():
         ckpt.rename(old)
+    kill_point("fusion-swap")
     tmp.rename(ckpt)
     shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""`evomerge fuse CONFIG`: a FuseLLM fusion job (evomerge.fusion), recorded in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from evomerge.cli.app import app, console, err_console, fail
+from evomerge.cli.study import StorageOpt, _open_store
+from evomerge.config import ConfigError
+
+
+@app.command()
+def fuse(
+    config: Annotated[Path, typer.Argument(help="fusion config YAML (see configs/fusion/)")],
+    control: Annotated[
+        bool, typer.Option("--control", help="the CLM-only control: λ = 1, job NAME-clm")
+    ] = False,
+    storage: StorageOpt = None,
+) -> None:
+    """Fuse the sources' knowledge into the target by continual training (FuseLLM); rerun
+    the same command to resume a job from its last checkpoint."""
+    from evomerge.fusion.job import FusionConfig, prepare, train
+    from storage import default_storage_url
+
+    def say(line: str) -> None:
+        err_console.print(f"[dim]{line}")
+
+    try:
+        cfg = FusionConfig.load(config)
+        cfg = cfg.control() if control else cfg
+        cfg.check()
+    except ConfigError as e:
+        raise fail(str(e), 2) from e
+    store = _open_store(storage or cfg.storage or default_storage_url())
+    job = store.fusion_job(cfg.name, missing_ok=True)
+    if job is None:
+        job = store.create_fusion_job(cfg.name, cfg.to_yaml(), str(cfg.out_dir()))
+    else:
+        cfg = FusionConfig.model_validate_json(_json(job.config_yaml))
+        console.print(f"fusion job [bold]{cfg.name}[/] exists ({job.status}): resuming")
+    store.set_fusion_job(cfg.name, "running")
+    try:
+        examples = prepare(cfg, say)
+        model = train(
+            cfg,
+            examples,
+            Path(job.out_dir),
+            say,
+            on_checkpoint=lambda steps: store.record_fusion_steps(cfg.name, steps),
+        )
+        evaluation = _evaluate(cfg, model, say) if cfg.evaluate else None
+    except Exception as e:
+        store.set_fusion_job(cfg.name, "failed", error=f"{type(e).__name__}: {e}")
+        raise fail(f"fusion job {cfg.name!r} failed: {e}", 1) from e
+    store.set_fusion_job(cfg.name, "finished", evaluation=evaluation)
+    console.print(f"fusion job [bold]{cfg.name}[/]: finished; the fused model is {model}")
+    if evaluation:
+        console.print(_table(cfg.name, evaluation))
+
+
+def _json(config_yaml: str) -> str:
+    import json
+
+    import yaml
+
+    return json.dumps(yaml.safe_load(config_yaml))
+
+
+def _evaluate(cfg, fused: Path, say) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the fused target, the target before, and every source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness import Evaluator
+    from evomerge.zoo import default_zoo_dir
+
+    assert cfg.evaluate is not None
+    zoo_dir = default_zoo_dir(cfg.zoo or "demo")
+    evaluator = Evaluator(
+        list(cfg.evaluate.tasks), split="held-out", limit=cfg.evaluate.limit, zoo_dir=zoo_dir
+    )
+    target, sources, _ = cfg.paths()
+    out = {}
+    models = [("fused", fused), ("target", target), *zip(cfg.sources, sources, strict=True)]
+    for name, folder in models:
+        say(f"scoring {name} on held-out")
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        score = evaluator.score(model, AutoTokenizer.from_pretrained(folder))
+        out[name] = {**score.metrics, "mean": score.fitness}
+    return out
+
+
+def _table(name: str, evaluation: dict[str, dict[str, float]]) -> Table:
+    columns = list(next(iter(evaluation.values())))
+    table = Table("model", *columns, title=f"{name}: held-out")
+    for model, metrics in evaluation.items():
+        table.add_row(model, *(f"{metrics[c]:.3f}" for c in columns))
+    return table
