@@ -60,3 +60,15 @@ def test_a_missing_or_empty_corpus_is_refused(tmp_path, text, error) -> None:
         path.write_text(text)
     with pytest.raises((FileNotFoundError, ValueError), match=error):
         read_corpus(path)
+
+
+def test_shards_on_ray_workers_give_the_same_distributions(
+    source, corpus, tmp_path, monkeypatch, ray_local
+) -> None:
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "one"))
+    alone = load(distributions(source, corpus, k=3))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "ray"))
+    sharded = load(distributions(source, corpus, k=3, workers=2))
+    for (t1, i1, p1), (t2, i2, p2) in zip(alone, sharded, strict=True):
+        assert torch.equal(t1, t2) and torch.equal(i1, i2)
+        torch.testing.assert_close(p1, p2, atol=1e-3, rtol=0)

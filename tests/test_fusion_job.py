@@ -145,6 +145,7 @@ def test_a_job_sigkilled_mid_training_resumes_to_the_uninterrupted_weights(
         mode="json", exclude_none=True
     )
     data["train"] |= {"steps": 12, "checkpoint_every": 3}
+    data["workers"] = 0  # in the CLI's process, which the kill point takes down
     for name in ("whole", "cut"):
         (tmp_path / f"{name}.yaml").write_text(
             yaml.safe_dump({**data, "name": name, "out": str(tmp_path / name)})
@@ -167,3 +168,28 @@ def test_a_job_sigkilled_mid_training_resumes_to_the_uninterrupted_weights(
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert store.fusion_steps("cut") == store.fusion_steps("whole")
     assert [s["step"] for s in store.fusion_steps("cut")] == list(range(1, 13))
+
+
+def test_ray_train_with_one_worker_trains_the_weights_of_training_in_process(
+    folders, tmp_path, ray_local
+) -> None:
+    """The same job on one Ray Train worker and in this process: the same weights; on two
+    data-parallel workers it trains and records every step."""
+    from evomerge.fusion.job import train_on_ray
+
+    url = f"sqlite:///{tmp_path / 'ray.db'}"
+    store = Store(url)
+    store.migrate()
+    cfg = config(folders, workers=1)
+    examples = prepare(cfg)
+    local = train(cfg, examples, tmp_path / "local")
+    store.create_fusion_job("f", cfg.to_yaml(), str(tmp_path / "ray1"))
+    remote = train_on_ray(cfg, examples, tmp_path / "ray1", url)
+    a, b = load_file(local / "model.safetensors"), load_file(remote / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [s["step"] for s in store.fusion_steps("f")] == list(range(1, 7))
+    two = config(folders, name="f2", workers=2)
+    store.create_fusion_job("f2", two.to_yaml(), str(tmp_path / "ray2"))
+    model = train_on_ray(two, examples, tmp_path / "ray2", url)
+    assert (model / "model.safetensors").is_file()
+    assert [s["step"] for s in store.fusion_steps("f2")] == list(range(1, 7))

@@ -23,7 +23,7 @@ def fuse(
 ) -> None:
     """Fuse the sources' knowledge into the target by continual training (FuseLLM); rerun
     the same command to resume a job from its last checkpoint."""
-    from evomerge.fusion.job import FusionConfig, prepare, train
+    from evomerge.fusion.job import FusionConfig, prepare, train, train_on_ray
     from storage import default_storage_url
 
     def say(line: str) -> None:
@@ -35,7 +35,8 @@ def fuse(
         cfg.check()
     except ConfigError as e:
         raise fail(str(e), 2) from e
-    store = _open_store(storage or cfg.storage or default_storage_url())
+    url = storage or cfg.storage or default_storage_url()
+    store = _open_store(url)
     job = store.fusion_job(cfg.name, missing_ok=True)
     if job is None:
         job = store.create_fusion_job(cfg.name, cfg.to_yaml(), str(cfg.out_dir()))
@@ -45,13 +46,16 @@ def fuse(
     store.set_fusion_job(cfg.name, "running")
     try:
         examples = prepare(cfg, say)
-        model = train(
-            cfg,
-            examples,
-            Path(job.out_dir),
-            say,
-            on_checkpoint=lambda steps: store.record_fusion_steps(cfg.name, steps),
-        )
+        if cfg.workers:
+            model = train_on_ray(cfg, examples, Path(job.out_dir), url)
+        else:
+            model = train(
+                cfg,
+                examples,
+                Path(job.out_dir),
+                say,
+                on_checkpoint=lambda steps: store.record_fusion_steps(cfg.name, steps),
+            )
         evaluation = _evaluate(cfg, model, say) if cfg.evaluate else None
     except Exception as e:
         store.set_fusion_job(cfg.name, "failed", error=f"{type(e).__name__}: {e}")

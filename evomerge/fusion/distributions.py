@@ -57,7 +57,6 @@ def cache_path(model: Path, corpus: Path, k: int, max_length: int) -> Path:
     return cache_root() / "fusion" / f"{h.hexdigest()[:24]}.safetensors"
 
 
-@torch.inference_mode()
 def distributions(
     model_dir: str | Path,
     corpus: str | Path,
@@ -65,37 +64,37 @@ def distributions(
     *,
     max_length: int = 512,
     batch_size: int = 16,
+    workers: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """The cached file of `model_dir`'s top-k distributions over `corpus` (computed once)."""
+    """The cached file of `model_dir`'s top-k distributions over `corpus` (computed once).
+
+    With `workers` > 0 the corpus is cut into that many shards, each run by a Ray task (on a
+    GPU when the cluster has one); with 0, in this process."""
     model_dir, corpus = Path(model_dir), Path(corpus)
     lines = read_corpus(corpus)
     out = cache_path(model_dir, corpus, k, max_length)
     if out.is_file():
         return out
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(line)["input_ids"][:max_length] for line in lines]
-    empty = next((i for i, seq in enumerate(encoded) if not seq), None)
-    if empty is not None:
-        raise ValueError(f"{model_dir}: its tokenizer encodes corpus line {empty + 1} to nothing")
-    tokens, ids, probs = [], [], []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        width = max(map(len, batch))
-        x = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch])
-        mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in batch])[:, None]).long()
-        top = model(input_ids=x, attention_mask=mask).logits.float().softmax(-1).topk(k, -1)
-        for row, seq in enumerate(batch):
-            n = len(seq)
-            first_ids = torch.full((1, k), seq[0])
-            first_probs = torch.zeros(1, k).index_fill_(1, torch.tensor([0]), 1.0)
-            ids.append(torch.cat([first_ids, top.indices[row, : n - 1]]))
-            probs.append(torch.cat([first_probs, top.values[row, : n - 1]]))
-            tokens.append(torch.tensor(seq))
-        if progress:
-            progress(f"{model_dir.name}: {min(start + batch_size, len(encoded))}/{len(encoded)}")
+    if workers:
+        import ray
+
+        from workers.pool import connect
+
+        connect(None)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_gpus=gpus)(shard)
+        size = -(-len(lines) // workers)
+        parts = [lines[i : i + size] for i in range(0, len(lines), size)]
+        refs = [task.remote(str(model_dir), part, k, max_length, batch_size) for part in parts]
+        results = []
+        for n, ref in enumerate(refs, 1):
+            results.append(ray.get(ref))
+            if progress:
+                progress(f"{model_dir.name}: shard {n}/{len(refs)}")
+        tokens, ids, probs = ([row for r in results for row in r[i]] for i in range(3))
+    else:
+        tokens, ids, probs = shard(str(model_dir), lines, k, max_length, batch_size, progress)
     offsets = torch.tensor([0, *torch.tensor([len(t) for t in tokens]).cumsum(0).tolist()])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
@@ -110,6 +109,53 @@ def distributions(
     )
     tmp.rename(out)  # atomic: a reader never sees half a file
     return out
+
+
+Rows = list[torch.Tensor]
+
+
+@torch.inference_mode()
+def shard(
+    model_dir: str,
+    lines: list[str],
+    k: int,
+    max_length: int,
+    batch_size: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Rows, Rows, Rows]:
+    """Per line of `lines`: the source's token ids, top-k ids and top-k probabilities (on
+    the GPU when there is one)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(line)["input_ids"][:max_length] for line in lines]
+    empty = next((i for i, seq in enumerate(encoded) if not seq), None)
+    if empty is not None:
+        raise ValueError(
+            f"{model_dir}: its tokenizer encodes a corpus line to nothing: {lines[empty]!r}"
+        )
+    tokens, ids, probs = [], [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(map(len, batch))
+        x = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch], device=device)
+        lengths = torch.tensor([len(s) for s in batch], device=device)
+        mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+        top = model(input_ids=x, attention_mask=mask).logits.float().softmax(-1).topk(k, -1)
+        top_ids, top_probs = top.indices.cpu(), top.values.cpu()
+        for row, seq in enumerate(batch):
+            n = len(seq)
+            first_ids = torch.full((1, k), seq[0])
+            first_probs = torch.zeros(1, k).index_fill_(1, torch.tensor([0]), 1.0)
+            ids.append(torch.cat([first_ids, top_ids[row, : n - 1]]))
+            probs.append(torch.cat([first_probs, top_probs[row, : n - 1]]))
+            tokens.append(torch.tensor(seq))
+        if progress:
+            progress(
+                f"{Path(model_dir).name}: {min(start + batch_size, len(encoded))}/{len(encoded)}"
+            )
+    return tokens, ids, probs
 
 
 def load(path: str | Path) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

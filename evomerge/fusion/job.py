@@ -21,6 +21,7 @@ import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +76,14 @@ class FusionConfig(BaseModel):
         0.9, ge=0, le=1, allow_inf_nan=False, description="weight of L_CLM; 1 = CLM only"
     )
     train: TrainSettings = TrainSettings()
+    workers: int = Field(
+        1,
+        ge=0,
+        le=4096,
+        description="Ray workers: distribution-pass shards, and Ray Train's data-parallel "
+        "workers (0: both in this process, no Ray)",
+    )
+    ray_address: str | None = None
     evaluate: EvalSettings | None = None
     out: str | None = Field(
         None, description="where checkpoints and the fused model go (default: the cache)"
@@ -186,7 +195,9 @@ def prepare(config: FusionConfig, say: Say | None = None) -> list[Example]:
     targets = [torch.tensor(tgt_tok(line)["input_ids"][: cfg.train.max_length]) for line in lines]
     per_source = []
     for path in sources:
-        file = distributions(path, corpus, cfg.k, max_length=cfg.train.max_length, progress=say)
+        file = distributions(
+            path, corpus, cfg.k, max_length=cfg.train.max_length, workers=cfg.workers, progress=say
+        )
         src_tok = AutoTokenizer.from_pretrained(path)
         mapping = VocabMapping(src_tok.get_vocab(), tgt_tok.get_vocab(), mode=cfg.alignment)
         aligned = []
@@ -241,17 +252,24 @@ def train(
     out: Path,
     say: Say | None = None,
     on_checkpoint: Callable[[list[dict]], None] | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> Path:
     """Train a copy of the target in `out` (resuming from `out/checkpoint`); returns the
     final model folder `out/model`. `on_checkpoint` gets the steps since the last checkpoint
-    (or since the one resumed from) each time one is written."""
+    (or since the one resumed from) each time one is written.
+
+    Data-parallel: worker `rank` of `world` takes every world-th row of each step's batch and
+    `wrap` (DDP) averages the gradients; rank 0 alone writes checkpoints and reports."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = config.train
     target = config.paths()[0]
     ckpt = out / CHECKPOINT
     old = ckpt.with_name(f".{CHECKPOINT}.old")
-    if not ckpt.exists() and old.exists():  # killed between the two renames of a checkpoint
+    if rank == 0 and not ckpt.exists() and old.exists():  # killed between the two renames
         old.rename(ckpt)
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(ckpt if ckpt.is_dir() else target)
@@ -264,17 +282,18 @@ def train(
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         history = json.loads((ckpt / "losses.json").read_text())
-        if say:
+        if say and rank == 0:
             say(f"resuming {config.name} at step {start}")
+    trained = wrap(model) if wrap else model
     tokenizer = AutoTokenizer.from_pretrained(target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reported = start
     for step in range(start, settings.steps):
         rows = random.Random(f"{settings.seed}:{step}").choices(
             range(len(examples)), k=settings.batch
-        )
+        )[rank::world]
         opt.zero_grad(set_to_none=True)
-        loss, clm, fusion = losses(model, _batch(examples, rows, pad), config.lam)
+        loss, clm, fusion = losses(trained, _batch(examples, rows, pad), config.lam)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{config.name}: loss is {loss.item()} at step {step}")
         loss.backward()
@@ -285,7 +304,7 @@ def train(
             {"step": step + 1, "loss": loss.item(), "clm": clm.item(), "fusion": fusion.item()}
         )
         done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
+        if rank == 0 and (done % settings.checkpoint_every == 0 or done == settings.steps):
             _checkpoint(model, opt, done, history, ckpt)
             if on_checkpoint:
                 on_checkpoint(history[reported:])
@@ -293,11 +312,102 @@ def train(
             if say:
                 say(f"{config.name}: step {done}/{settings.steps} loss {loss.item():.4f}")
     final = out / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("trainer.pt"))
-    tokenizer.save_pretrained(final)
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("trainer.pt"))
+        tokenizer.save_pretrained(final)
     return final
+
+
+def save_examples(examples: list[Example], path: Path) -> None:
+    """The fused data in one safetensors file, for training workers on other processes."""
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([len(e.tokens) for e in examples])
+    save_file(
+        {
+            "lengths": lengths,
+            "tokens": torch.cat([e.tokens for e in examples]),
+            "ids": torch.cat([e.ids for e in examples]),
+            "probs": torch.cat([e.probs for e in examples]),
+        },
+        str(path),
+    )
+
+
+def load_examples(path: Path) -> list[Example]:
+    from safetensors.torch import load_file
+
+    data = load_file(str(path))
+    bounds = [0, *data["lengths"].cumsum(0).tolist()]
+    return [
+        Example(data["tokens"][a:b], data["ids"][a:b], data["probs"][a:b])
+        for a, b in pairwise(bounds)
+    ]
+
+
+def train_on_ray(
+    config: FusionConfig,
+    examples: list[Example],
+    out: Path,
+    storage_url: str,
+) -> Path:
+    """`train` on Ray Train: `config.workers` data-parallel workers (a GPU each when the
+    cluster has them); rank 0 records each checkpoint's steps in the store at `storage_url`."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workers.pool import connect
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "fused.safetensors"
+    save_examples(examples, data)
+    workers = config.workers
+    connect(config.ray_address)
+    gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    trainer = TorchTrainer(
+        _ray_loop,
+        train_loop_config={
+            "config": config.model_dump_json(),
+            "data": str(data),
+            "out": str(out),
+            "storage": storage_url,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        run_config=RunConfig(storage_path=str(out / "ray"), name=config.name),
+    )
+    trainer.fit()
+    return out / "model"
+
+
+def _ray_loop(loop: dict) -> None:
+    """One Ray Train worker: the fused data from disk, DDP, the store for rank 0's steps."""
+    import ray.train
+    import ray.train.torch
+
+    from storage import Store
+
+    config = FusionConfig.model_validate_json(loop["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    store = Store(loop["storage"]) if rank == 0 else None
+
+    def record(steps: list[dict]) -> None:
+        assert store is not None
+        store.record_fusion_steps(config.name, steps)
+
+    train(
+        config,
+        load_examples(Path(loop["data"])),
+        Path(loop["out"]),
+        say=lambda line: print(line, flush=True),
+        on_checkpoint=record if store else None,
+        rank=rank,
+        world=world,
+        wrap=ray.train.torch.prepare_model if world > 1 else None,
+    )
 
 
 def _checkpoint(model, opt, step: int, history: list[dict], ckpt: Path) -> None:

@@ -5,8 +5,8 @@ source only if the merge's fitness rises. (Model-GLUE keeps one that does not lo
 proxy of a few dozen rows ties are common, and a tie kept the harmful fine-tune at a small
 coefficient on one CPU's test zoo: a source that adds nothing measurable is left out.)
 `coefficient`: the same, but each step tries the new source at every coefficient c of a grid
-(merge = (1 - c) * merge + c * source) and keeps the best c. `similarity`: `coefficient`, taking next the source whose weights are
-most (or least) similar to the merge so far. Merges are in the study's method (task vectors,
+(merge = (1 - c) * merge + c * source) and keeps the best c. `similarity`: `coefficient`,
+taking next the source whose weights are most (or least) similar to the merge so far. Merges are in the study's method (task vectors,
 for task arithmetic), and the shares of a merge can be scaled: an average of task vectors
 (scale 1) dilutes each skill, where task arithmetic of fine-tunes keeps them at about 0.8 a
 source. A harmful source (one whose addition lowers every merge) is dropped, with the fitness
