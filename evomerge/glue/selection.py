@@ -6,17 +6,11 @@ proxy of a few dozen rows ties are common, and a tie kept the harmful fine-tune 
 coefficient on one CPU's test zoo: a source that adds nothing measurable is left out.)
 `coefficient`: the same, but each step tries the new source at every coefficient c of a grid
 (merge = (1 - c) * merge + c * source) and keeps the best c. `similarity`: `coefficient`,
-taking next the source whose weights are most (or least) similar to the merge so far. Merges are in the study's method (task vectors,
-for task arithmetic), and the shares of a merge can be scaled: an average of task vectors
-(scale 1) dilutes each skill, where task arithmetic of fine-tunes keeps them at about 0.8 a
-source. A harmful source (one whose addition lowers every merge) is dropped, with the fitness
-that dropped it as the reason.
-
-A heuristic is straight-line code over `score(weights)`: it is replayed from the start each
-time the coordinator asks for work, against the study's finished trials, so it needs no
-state of its own: a resumed study picks up where the store says, and a candidate scored in
-an earlier run is never scored again. When the replay reaches a candidate not scored yet it
-stops and says which candidates it needs (a whole round at once, so workers run in parallel).
+taking next the source whose weights are most (or least) similar to the merge so far.
+Merges are in the study's method (task vectors, for task arithmetic), and the shares of a
+merge can be scaled: an average of task vectors (scale 1) dilutes each skill, where task
+arithmetic of fine-tunes keeps them at about 0.8 a source. A harmful source (one whose
+addition lowers every merge) is dropped, with the fitness that dropped it as the reason.
 """
 
 from __future__ import annotations
