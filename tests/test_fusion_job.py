@@ -193,3 +193,33 @@ def test_ray_train_with_one_worker_trains_the_weights_of_training_in_process(
     model = train_on_ray(two, examples, tmp_path / "ray2", url)
     assert (model / "model.safetensors").is_file()
     assert [s["step"] for s in store.fusion_steps("f2")] == list(range(1, 7))
+
+
+def test_the_dashboard_lists_jobs_draws_losses_and_starts_a_config(folders, tmp_path) -> None:
+    from tests.test_dashboard import make_client
+
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    store = Store(url)
+    store.migrate()
+    store.create_fusion_job("seen", "name: seen\n", str(tmp_path / "seen"))
+    steps = [{"step": i, "loss": 3 - i / 10, "clm": 3.0, "fusion": 2 - i / 10} for i in range(1, 9)]
+    store.record_fusion_steps("seen", steps)
+    scores = {"fused": {"add": 0.5, "mean": 0.5}, "target": {"add": 0.25, "mean": 0.25}}
+    store.set_fusion_job("seen", "finished", evaluation=scores)
+    dirs = {n: tmp_path / n for n in ("configs", "exports", "runs", "models")}
+    for folder in dirs.values():
+        folder.mkdir()
+    (dirs["configs"] / "fusion").mkdir()
+    data = config(folders, name="started", workers=0).model_dump(mode="json", exclude_none=True)
+    (dirs["configs"] / "fusion" / "small.yaml").write_text(yaml.safe_dump(data))
+    with make_client(url, dirs) as client:
+        page = client.get("/fusion").text
+        assert "seen" in page and "finished" in page and "small.yaml" in page
+        page = client.get("/fusion/seen").text
+        assert 'class="series s0"' in page and 'class="series s2"' in page
+        assert "0.250" in page or "0.25" in page
+        answer = client.post("/fusion", data={"config": "small.yaml"})
+        assert answer.status_code == 303 and answer.headers["location"] == "/fusion/started"
+        assert list((dirs["runs"] / "started").glob("*-fuse.log"))
+        bad = client.post("/fusion", data={"config": "../../etc/passwd"})
+        assert bad.status_code == 400

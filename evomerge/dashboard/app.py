@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from evomerge.cli.study import CONFIGS_DIR
 from evomerge.config import HeartbeatConfig
-from evomerge.dashboard import best, similarity, studies, trials
+from evomerge.dashboard import best, fusion, similarity, studies, trials
 from evomerge.dashboard.context import HERE, Context, make_templates
 from evomerge.dashboard.guard import Guard
 from evomerge.dashboard.launch import Launcher
@@ -62,7 +62,7 @@ def create_app(
         ray_address=ray_address,
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    for module in (studies, trials, best, similarity):
+    for module in (studies, trials, best, similarity, fusion):
         app.include_router(module.router)
     app.add_middleware(Guard, token=token, max_body=max_body_bytes)
     for error, status in (

@@ -8,7 +8,7 @@ the envelope of the cloud stays exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
@@ -57,27 +57,11 @@ def best_so_far(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
     return out
 
 
-def progress_chart(
-    scored: Sequence[tuple[float, float]],
-    failed: Sequence[float],
-    *,
-    x_label: str,
-    title: str,
-) -> Markup:
-    """All trials (dots), failures (red ticks on the axis) and the best-so-far line.
-
-    `scored` holds (x, fitness) sorted by x; `failed` the x of failed trials.
-    """
-    xs = [p[0] for p in scored] + list(failed)
-    if not xs:
-        return Markup('<p class="muted">No finished trials yet.</p>')
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    ys = [p[1] for p in scored] or [0.0]
-    y_lo, y_hi = min(ys), max(ys)
-    pad = (y_hi - y_lo) * 0.05 or 0.5
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+def _frame(
+    x_range: tuple[float, float], y_range: tuple[float, float], x_label: str, title: str
+) -> tuple[list[str], Callable[[float], float], Callable[[float], float]]:
+    """The chart's SVG opening, plot area, grid, ticks and axis label; and the two scales."""
+    (x_lo, x_hi), (y_lo, y_hi) = x_range, y_range
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def sx(x: float) -> float:
@@ -108,6 +92,34 @@ def progress_chart(
         f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" '
         f'text-anchor="middle">{escape(x_label)}</text>'
     )
+    return parts, sx, sy
+
+
+def _padded(lo: float, hi: float) -> tuple[float, float]:
+    pad = (hi - lo) * 0.05 or 0.5
+    return lo - pad, hi + pad
+
+
+def progress_chart(
+    scored: Sequence[tuple[float, float]],
+    failed: Sequence[float],
+    *,
+    x_label: str,
+    title: str,
+) -> Markup:
+    """All trials (dots), failures (red ticks on the axis) and the best-so-far line.
+
+    `scored` holds (x, fitness) sorted by x; `failed` the x of failed trials.
+    """
+    xs = [p[0] for p in scored] + list(failed)
+    if not xs:
+        return Markup('<p class="muted">No finished trials yet.</p>')
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_hi = x_lo + 1
+    ys = [p[1] for p in scored] or [0.0]
+    parts, sx, sy = _frame((x_lo, x_hi), _padded(min(ys), max(ys)), x_label, title)
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     dots = "".join(f"M{sx(x):.1f} {sy(y):.1f}h0" for x, y in thin(scored, plot_w // 2))
     parts.append(f'<path class="dots" d="{dots}"/>')
     fail_cols = sorted({round(sx(x)) for x in failed})
@@ -119,5 +131,29 @@ def progress_chart(
         line += [f"H{sx(x):.1f}V{sy(y):.1f}" for x, y in steps[1:]]
         line.append(f"H{sx(x_hi):.1f}")
         parts.append(f'<path class="best" d="{"".join(line)}"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]], *, x_label: str, title: str
+) -> Markup:
+    """One line per series (e.g. a fusion job's losses by step), each with its legend entry."""
+    points = [p for line in series.values() for p in line]
+    if not points:
+        return Markup('<p class="muted">No step recorded yet.</p>')
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_hi = max(xs) if max(xs) > min(xs) else min(xs) + 1
+    parts, sx, sy = _frame((min(xs), x_hi), _padded(min(ys), max(ys)), x_label, title)
+    for i, (name, line) in enumerate(series.items()):
+        path = "".join(
+            f"{'M' if j == 0 else 'L'}{sx(x):.1f} {sy(y):.1f}"
+            for j, (x, y) in enumerate(thin(line, WIDTH))
+        )
+        parts.append(f'<path class="series s{i}" d="{path}"/>')
+        parts.append(
+            f'<text class="legend s{i}" x="{LEFT + 8 + 90 * i}" y="{TOP + 14}">'
+            f"{escape(name)}</text>"
+        )
     parts.append("</svg>")
     return Markup("".join(parts))

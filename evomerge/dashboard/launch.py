@@ -45,6 +45,10 @@ class Launcher:
         snapshot.write_text(config.to_yaml())
         return self._spawn(config.name, "run", str(snapshot), "--study", config.name)
 
+    def fuse(self, name: str, config: Path) -> Path:
+        """`evomerge fuse` of a fusion config (a new job, or the resume of job `name`)."""
+        return self._spawn(name, "fuse", str(config))
+
     def resume(self, study: str) -> Path:
         return self._spawn(study, "resume", study)
 
