@@ -223,3 +223,29 @@ def test_the_dashboard_lists_jobs_draws_losses_and_starts_a_config(folders, tmp_
         assert list((dirs["runs"] / "started").glob("*-fuse.log"))
         bad = client.post("/fusion", data={"config": "../../etc/passwd"})
         assert bad.status_code == 400
+
+
+def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path) -> None:
+    """Fuse, then merge (as FuseChat does): the fused checkpoint loads into a SourceSet beside
+    its target, and task arithmetic at weight 0.5 lands half way between the two."""
+    from evomerge.merge import build
+    from evomerge.models import SourceSet
+    from evomerge.recipe import Recipe
+
+    cfg = config(folders)
+    fused = train(cfg, prepare(cfg), tmp_path / "job")
+    sources = SourceSet.load(folders["target"], [fused], names=["fused"], base_name="target")
+    groups = sources.groups(2)
+    recipe = Recipe(
+        method="task_arithmetic",
+        base="target",
+        sources=("fused",),
+        groups=groups,
+        params={"weight": ((0.5,),) * len(groups)},
+    )
+    model = sources.new_model("float32")
+    build(recipe, sources, model)
+    start = load_file(folders["target"] / "model.safetensors")
+    end = load_file(fused / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(model.state_dict()[name], (start[name] + end[name]) / 2)
