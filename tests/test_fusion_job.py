@@ -249,3 +249,11 @@ def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path)
     end = load_file(fused / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(model.state_dict()[name], (start[name] + end[name]) / 2)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("configs/fusion/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_fusion_configs_validate(path: Path) -> None:
+    cfg = FusionConfig.load(path)
+    assert Path(cfg.corpus).is_absolute() and cfg.control().lam == 1.0
