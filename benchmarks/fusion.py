@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         texts = {n: corpus(root, n) for n in (args.lines // 10, args.lines)}
         passes: dict[int, tuple[float, float]] = {}
         for workers in (0, 1, 2):
+            os.environ["EVOMERGE_CACHE"] = str(root / f"warm-{workers}")  # Ray workers' imports
+            distributions(source, texts[args.lines // 10], 10, workers=workers)
             runs = []
             for n, text in texts.items():
                 os.environ["EVOMERGE_CACHE"] = str(root / f"cache-{workers}-{n}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.table import Table
 
 from evomerge.cli.app import app, console, err_console, fail
@@ -41,8 +42,11 @@ def fuse(
     if job is None:
         job = store.create_fusion_job(cfg.name, cfg.to_yaml(), str(cfg.out_dir()))
     else:
-        cfg = FusionConfig.model_validate_json(_json(job.config_yaml))
-        console.print(f"fusion job [bold]{cfg.name}[/] exists ({job.status}): resuming")
+        cfg = FusionConfig.model_validate(yaml.safe_load(job.config_yaml))
+        console.print(
+            f"fusion job [bold]{cfg.name}[/] exists ({job.status}): resuming it with its "
+            "stored config"
+        )
     store.set_fusion_job(cfg.name, "running")
     try:
         examples = prepare(cfg, say)
@@ -64,14 +68,6 @@ def fuse(
     console.print(f"fusion job [bold]{cfg.name}[/]: finished; the fused model is {model}")
     if evaluation:
         console.print(_table(cfg.name, evaluation))
-
-
-def _json(config_yaml: str) -> str:
-    import json
-
-    import yaml
-
-    return json.dumps(yaml.safe_load(config_yaml))
 
 
 def _evaluate(cfg, fused: Path, say) -> dict[str, dict[str, float]]:
