@@ -264,3 +264,9 @@ def test_real_tokenizers_align_a_sentence(tokenizers_pair, mode):
     reverse = align_tokens(target, source, mode)
     check_complete(reverse, len(target), len(source))
     assert sorted(paired(reverse)) == sorted((t, s) for s, t in pairs)
+
+
+def test_a_character_tokenizers_space_is_the_byte_level_space() -> None:
+    """MinED once sent byte-level "Ġ" to the first target token one edit away ("0")."""
+    mapping = VocabMapping({"Ġ": 0, "a": 1}, {"0": 0, " ": 1, "a": 2}, mode="mined")
+    assert mapping(0) == 1 and normalize_token(" ") == normalize_token("Ġ")

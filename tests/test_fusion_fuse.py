@@ -44,3 +44,9 @@ def test_combine_keeps_the_top_k_of_the_union_renormalised() -> None:
 def test_an_unknown_fusion_function_is_refused() -> None:
     with pytest.raises(ValueError, match="min_ce or avg_ce"):
         fuse([GOOD], GOLD, "max", k=2)  # type: ignore[arg-type]
+
+
+def test_a_line_with_fewer_tokens_than_k_still_has_k_columns() -> None:
+    ids, probs = fuse([GOOD], GOLD, "min_ce", k=5)
+    assert ids.shape == probs.shape == (2, 5)
+    assert probs[:, 2:].sum() == 0 and probs.sum(-1).tolist() == pytest.approx([1.0, 1.0])

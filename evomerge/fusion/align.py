@@ -40,17 +40,19 @@ Vocab = Mapping[str, int] | Sequence[str]
 SPACE = "▁"
 """The canonical word-start marker (SentencePiece's); byte-level BPE's "Ġ" becomes this."""
 
-_CANONICAL = str.maketrans({"Ġ": SPACE, "Ċ": "\n", "ĉ": "\t"})
+_CANONICAL = str.maketrans({"Ġ": SPACE, " ": SPACE, "Ċ": "\n", "ĉ": "\t"})
 
 
 def normalize_token(token: str) -> str:
     """The canonical spelling of a token string, so that tokenizers of different families agree.
 
-    Byte-level BPE (GPT-2, Llama-3, Qwen) writes a leading space as "Ġ", a newline as "Ċ" and a
-    tab as "ĉ"; SentencePiece (Llama-2, Mistral) writes the space as "▁". Both become "▁", "\\n"
-    and "\\t". The marker is kept rather than dropped: "▁world" (a word) and "world" (the middle of
-    one) are different tokens, which the exact mode must see. Other bytes of byte-level BPE
-    (non-ASCII text) are left as they are.
+    Byte-level BPE (GPT-2, Llama-3, Qwen) writes a leading space as "Ġ", a newline as "Ċ" and a tab
+    as "ĉ"; SentencePiece (Llama-2, Mistral) writes the space as "▁"; a character-level
+    tokenizer keeps a plain " ". All three become "▁", and "\\n" and "\\t" theirs. (Without the
+    plain space, MinED mapped byte-level "Ġ" to the first target token one edit away.) The
+    marker is kept rather than dropped: "▁world" (a word) and "world" (the middle of one) are
+    different tokens, which the exact mode must see. Other bytes of byte-level BPE (non-ASCII
+    text) are left as they are.
     """
     return token.translate(_CANONICAL)
 

@@ -35,9 +35,10 @@ def gold_cross_entropy(dist: Sparse, gold: torch.Tensor) -> float:
 
 
 def combine(dists: Sequence[Sparse], weights: Sequence[float], k: int) -> Sparse:
-    """Σ w_s · P_s over sources, per position, kept to its k most probable tokens and
-    renormalised. Works over the union of the ids met in the sequence, never the whole
-    vocabulary: [T, 152k] floats for one 2k-token sequence of Qwen's vocabulary would be 1.2 GB.
+    """Σ w_s · P_s over sources, per position, kept to its k most probable tokens and renormalised;
+    always k columns (padding has probability 0), so lines stack in a batch. Works over the
+    union of the ids met in the sequence, never the whole vocabulary: [T, 152k] floats for one
+    2k-token sequence of Qwen's vocabulary would be 1.2 GB.
     """
     ids = torch.cat([d[0] for d in dists], dim=1)
     probs = torch.cat([w * d[1] for d, w in zip(dists, weights, strict=True)], dim=1)
@@ -45,7 +46,12 @@ def combine(dists: Sequence[Sparse], weights: Sequence[float], k: int) -> Sparse
     dense = torch.zeros(ids.shape[0], len(union), dtype=probs.dtype)
     dense.scatter_add_(1, where, probs)
     top, index = dense.topk(min(k, len(union)), dim=-1)
-    return union[index], top / top.sum(-1, keepdim=True).clamp(min=FLOOR)
+    ids, probs = union[index], top / top.sum(-1, keepdim=True).clamp(min=FLOOR)
+    if ids.shape[1] < k:  # fewer distinct tokens than k: pad with the first, at probability 0
+        pad = k - ids.shape[1]
+        ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], dim=1)
+        probs = torch.cat([probs, probs.new_zeros(len(probs), pad)], dim=1)
+    return ids, probs
 
 
 def fuse(dists: Sequence[Sparse], gold: torch.Tensor, kind: FusionKind, k: int) -> Sparse:
