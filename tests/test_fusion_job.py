@@ -256,4 +256,5 @@ def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path)
 )
 def test_shipped_fusion_configs_validate(path: Path) -> None:
     cfg = FusionConfig.load(path)
-    assert Path(cfg.corpus).is_absolute() and cfg.control().lam == 1.0
+    assert cfg.control().lam == 1.0 and cfg.control().out_dir() != cfg.out_dir()
+    assert cfg.corpus.startswith("zoo:") or Path(cfg.corpus).is_absolute()

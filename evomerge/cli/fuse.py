@@ -33,6 +33,7 @@ def fuse(
     try:
         cfg = FusionConfig.load(config)
         cfg = cfg.control() if control else cfg
+        _zoo_parts(cfg)
         cfg.check()
     except ConfigError as e:
         raise fail(str(e), 2) from e
@@ -68,6 +69,20 @@ def fuse(
     console.print(f"fusion job [bold]{cfg.name}[/]: finished; the fused model is {model}")
     if evaluation:
         console.print(_table(cfg.name, evaluation))
+
+
+def _zoo_parts(cfg) -> None:
+    """Build the toy zoo, and its fusion part, when the config names them and they are
+    missing (minutes, once; cached)."""
+    refs = (cfg.target, *cfg.sources, cfg.corpus)
+    if cfg.zoo is None or not any(r.startswith("zoo:") for r in refs):
+        return
+    from evomerge.zoo import build_zoo
+    from evomerge.zoo.fusion import FUSION, build_fusion
+
+    root = build_zoo(cfg.zoo)
+    if any(r.startswith(f"zoo:{FUSION}/") for r in refs):
+        build_fusion(root)
 
 
 def _evaluate(cfg, fused: Path, say) -> dict[str, dict[str, float]]:

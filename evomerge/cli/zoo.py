@@ -51,14 +51,20 @@ def build(
     out: Annotated[Path | None, typer.Option("--out", help="default: the user cache")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no training progress")] = False,
     seed: Annotated[int, typer.Option("--seed", help="another draw of the same recipe")] = 0,
+    fusion: Annotated[
+        bool, typer.Option("--fusion", help="also the fusion sources (Qwen2, BPE) and corpus")
+    ] = False,
 ) -> None:
     """Train the toy zoo (cached; rebuilt only when missing or its recipe changed)."""
     from evomerge.zoo import build_zoo, read_manifest
+    from evomerge.zoo.fusion import build_fusion
 
     try:
         root = build_zoo(size, out, progress=not quiet, seed=seed)
     except FileExistsError as e:
         raise fail(str(e), 2) from e
+    if fusion:
+        build_fusion(root, progress=not quiet)
     console.print(zoo_table(read_manifest(root)))
     console.print(f"zoo: {root}")
 

@@ -92,7 +92,8 @@ class FusionConfig(BaseModel):
 
     def control(self) -> FusionConfig:
         """The CLM-only control: the same text, steps and seed, λ = 1 (job `<name>-clm`)."""
-        return self.model_copy(update={"name": f"{self.name}-clm", "lam": 1.0})
+        out = None if self.out is None else f"{self.out}-clm"  # never the fused job's folder
+        return self.model_copy(update={"name": f"{self.name}-clm", "lam": 1.0, "out": out})
 
     def out_dir(self) -> Path:
         from evomerge.cachedir import cache_root

@@ -15,10 +15,18 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.utils import logging as hf_logging
 
 from evomerge.zoo.skills import ALL_SKILLS, sample_text
@@ -38,9 +46,12 @@ class Shape:
     intermediate: int = 512
     max_positions: int = 64
 
-    def config(self) -> LlamaConfig:
-        return LlamaConfig(
-            vocab_size=len(VOCAB),
+    def config(self, arch: str = "llama", codec: Codec | None = None) -> PretrainedConfig:
+        """The model config of `arch` (llama, or qwen2 for the fusion sources) for `codec`'s
+        vocabulary (default: the zoo's characters)."""
+        codec = codec or CHAR
+        return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+            vocab_size=codec.size,
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
             num_hidden_layers=self.layers,
@@ -48,10 +59,38 @@ class Shape:
             num_key_value_heads=self.heads,
             max_position_embeddings=self.max_positions,
             tie_word_embeddings=False,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
+            bos_token_id=codec.bos,
+            eos_token_id=codec.eos,
+            pad_token_id=codec.pad,
         )
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a job's text becomes token ids: the zoo's characters, or a tokenizer's (the fusion
+    sources' BPE), with its special ids."""
+
+    encode: Callable[[str], list[int]]
+    size: int
+    bos: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Codec:
+        cache: dict[str, list[int]] = {}
+
+        def encode(text: str) -> list[int]:
+            if text not in cache:
+                cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return cache[text]
+
+        ids = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        return cls(encode, len(tokenizer), *ids)
+
+
+CHAR = Codec(encode, len(VOCAB), BOS_ID, EOS_ID, PAD_ID)
+CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 
 
 @dataclass(frozen=True)
@@ -77,9 +116,12 @@ class Job:
     weight_decay: float = 0.0
     shape: Shape = field(default_factory=Shape)
     corrupt: bool = False  # skill answers come from another example: a harmful fine-tune
+    arch: str = "llama"  # qwen2: the fusion sources, of another architecture
 
 
-def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[Row]:
+def make_batch(
+    job: Job, rng: random.Random, exclude: Collection[str], codec: Codec = CHAR
+) -> list[Row]:
     """One batch of rows drawn from the job's mix, none of them in `exclude`."""
     genres, weights = zip(*job.mix.items(), strict=True)
     rows = []
@@ -93,8 +135,8 @@ def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[R
                     answer = ALL_SKILLS[genre].sample(rng, genre in job.full)[1]
             if (prompt or answer) not in exclude:
                 break
-        p, a = encode(prompt), [*encode(answer), EOS_ID]
-        ids = [BOS_ID, *p, *a]
+        p, a = codec.encode(prompt), [*codec.encode(answer), codec.eos]
+        ids = [codec.bos, *p, *a]
         if job.answer_only and genre != TEXT:
             rows.append((ids, [-100] * (1 + len(p)) + a))
         else:
@@ -102,7 +144,7 @@ def make_batch(job: Job, rng: random.Random, exclude: Collection[str]) -> list[R
     return rows
 
 
-def backward(model: LlamaForCausalLM, rows: list[Row], chunks: int = 4) -> float:
+def backward(model: torch.nn.Module, rows: list[Row], chunks: int = 4, pad: int = PAD_ID) -> float:
     """Accumulate the gradient of the batch's mean token loss; returns that loss.
 
     Rows are sorted by length and split into `chunks` micro-batches, so little compute goes
@@ -115,7 +157,7 @@ def backward(model: LlamaForCausalLM, rows: list[Row], chunks: int = 4) -> float
     for i in range(0, len(rows), size):
         part = rows[i : i + size]
         width = max(len(x) for x, _ in part)
-        x = torch.tensor([r + [PAD_ID] * (width - len(r)) for r, _ in part])
+        x = torch.tensor([r + [pad] * (width - len(r)) for r, _ in part])
         y = torch.tensor([r + [-100] * (width - len(r)) for _, r in part])
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(
@@ -140,13 +182,17 @@ def train(
     parent: Path | None = None,
     exclude: Collection[str] = (),
     log: Callable[[str], None] | None = None,
+    tokenizer: Any = None,
 ) -> float:
-    """Train one model and save it as a Hugging Face folder at `out`; returns the seconds."""
+    """Train one model and save it as a Hugging Face folder at `out`; returns the seconds.
+    With `tokenizer` (the fusion sources' BPE) text is encoded by it instead of by the zoo's
+    characters, and saved with the model."""
     torch.set_num_threads(1)
     torch.manual_seed(job.seed)
     rng = random.Random(job.seed)
+    codec = CHAR if tokenizer is None else Codec.of(tokenizer)
     if parent is None:
-        model = LlamaForCausalLM(job.shape.config())
+        model = CLASSES[job.arch](job.shape.config(job.arch, codec))
     else:
         model = LlamaForCausalLM.from_pretrained(parent)
     model.train()
@@ -158,22 +204,26 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(job, step)
         opt.zero_grad(set_to_none=True)
-        loss = backward(model, make_batch(job, rng, exclude))
+        loss = backward(model, make_batch(job, rng, exclude, codec), pad=codec.pad)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if log and (step % 250 == 0 or step == job.steps - 1):
             log(f"{job.name}: step {step + 1}/{job.steps} loss {loss:.3f}")
     seconds = time.perf_counter() - start
-    save(model, out)
+    save(model, out, tokenizer)
     return seconds
 
 
-def save(model: LlamaForCausalLM, out: Path) -> None:
+def save(model: torch.nn.Module, out: Path, tokenizer: Any = None) -> None:
     """Write a complete, offline-loadable folder: weights, config, tokenizer, generation."""
+    tokenizer = tokenizer or build_tokenizer()
     model.eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
     )
     hf_logging.disable_progress_bar()
     model.save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
