@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -34,7 +34,40 @@ def anchor(ref: str, folder: Path) -> str:
 
 
 class ConfigError(ValueError):
-    """A study config that cannot be used; the message names the file and field."""
+    """A config that cannot be used; the message names the file and field."""
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def read_config(path: Path) -> str:
+    """A config file's text; a missing or non-UTF-8 file is a `ConfigError` naming it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+
+
+def parse_config(cls: type[Model], text: str, source: str, what: str, **overrides: object) -> Model:
+    """YAML `text` validated as `cls` (a `what` config, in messages); every problem becomes
+    one `ConfigError` naming the field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid {what} config\n" + "\n".join(lines)) from e
 
 
 class _Frozen(BaseModel):
@@ -459,33 +492,13 @@ class StudyConfig(_Frozen):
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<config>", **overrides: object) -> StudyConfig:
         """Parse and validate; every problem becomes one `ConfigError` naming the field."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            lines = []
-            for err in e.errors():
-                where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-                lines.append(f"  {where}: {err['msg']}")
-            raise ConfigError(f"{source}: invalid study config\n" + "\n".join(lines)) from e
+        return parse_config(cls, text, source, "study", **overrides)
 
     @classmethod
     def load(cls, path: str | Path, **overrides: object) -> StudyConfig:
         """Read a config file; relative model and task paths are relative to the file."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-        return cls.from_yaml(text, source=str(p), **overrides).anchored(p.parent)
+        return cls.from_yaml(read_config(p), source=str(p), **overrides).anchored(p.parent)
 
     def anchored(self, folder: Path) -> StudyConfig:
         """Relative model and task paths made relative to `folder` (a config file's)."""

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.config import ConfigError, anchor
+from evomerge.config import ConfigError, anchor, parse_config, read_config
 from evomerge.fusion.align import VocabMapping, align_distributions, align_tokens
 from evomerge.fusion.distributions import distributions, load, read_corpus
 from evomerge.fusion.fuse import fuse
@@ -107,19 +107,7 @@ class FusionConfig(BaseModel):
     def load(cls, path: str | Path, **overrides: object) -> FusionConfig:
         """Read and validate a YAML file; relative paths are relative to it."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ConfigError(f"{p}: expected a mapping at the top level")
-            data.update({k: v for k, v in overrides.items() if v is not None})
-            cfg = cls.model_validate(data)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        except ValidationError as e:
-            lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-            raise ConfigError(f"{p}: invalid fusion config\n" + "\n".join(lines)) from e
+        cfg = parse_config(cls, read_config(p), str(p), "fusion", **overrides)
         folder = p.parent
         evaluate = cfg.evaluate
         if evaluate is not None:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from evomerge.config import ConfigError, StudyConfig, anchor
+from evomerge.config import ConfigError, StudyConfig, anchor, parse_config, read_config
 from evomerge.glue.kinship import DEFAULT_THRESHOLD, ZooAnalysis
 
 
@@ -47,18 +47,7 @@ class GlueConfig(BaseModel):
     def load(cls, path: str | Path) -> GlueConfig:
         """Read the YAML file; relative paths in it are relative to the file (as a study's)."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ConfigError(f"{p}: expected a mapping at the top level")
-            config = cls.model_validate(data)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        except ValidationError as e:
-            lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-            raise ConfigError(f"{p}: invalid glue config\n" + "\n".join(lines)) from e
+        config = parse_config(cls, read_config(p), str(p), "glue")
         folder = p.parent
         config = config.model_copy(
             update={

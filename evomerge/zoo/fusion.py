@@ -37,32 +37,25 @@ from evomerge.zoo.train import TEXT, Job, Shape, train
 
 FUSION = "fusion"  # the folder inside a zoo
 FORMAT = 1  # bump when anything below changes what is built
-SOURCES = {
-    "fuse-upper": Job(
-        "fuse-upper",
+
+
+def _source(skill: str, seed: int) -> Job:
+    """A Qwen2 source trained from scratch on `skill` (80%) and text, whole sequences."""
+    return Job(
+        f"fuse-{skill}",
         700,
         2e-3,
-        {"upper": 0.8, TEXT: 0.2},
-        seed=11,
-        full=("upper",),
+        {skill: 0.8, TEXT: 0.2},
+        seed=seed,
+        full=(skill,),
         answer_only=False,
         warmup=100,
         weight_decay=0.1,
         arch="qwen2",
-    ),
-    "fuse-translate": Job(
-        "fuse-translate",
-        700,
-        2e-3,
-        {"translate": 0.8, TEXT: 0.2},
-        seed=12,
-        full=("translate",),
-        answer_only=False,
-        warmup=100,
-        weight_decay=0.1,
-        arch="qwen2",
-    ),
-}
+    )
+
+
+SOURCES = {job.name: job for job in (_source("upper", 11), _source("translate", 12))}
 CORPUS_LINES, NOISE = 1000, 0.6
 
 
