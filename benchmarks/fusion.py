@@ -1,7 +1,7 @@
 """FuseLLM throughput: tokens a second of the distribution pass and of training, in this
 process and on 1 and 2 Ray workers.
 
-python -m benchmarks.fusion [--lines 4000] [--steps 200]
+python -m benchmarks.fusion [--lines 20000] [--steps 200]
 
 The models are demo-zoo-shaped (hidden 128, 4 layers) Qwen2 source and Llama target with
 the zoo's character tokenizer, randomly initialised (throughput does not depend on what they
@@ -97,7 +97,7 @@ def show(what: str, results: dict[int, tuple[float, float]], where: str) -> None
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lines", type=int, default=4000)
+    ap.add_argument("--lines", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
