@@ -59,7 +59,10 @@ def glue(
         stage1 = StudyConfig.from_yaml(existing.config_yaml, source=f"study {stage1.name!r}")
         console.print(f"study [bold]{stage1.name}[/] exists: resuming the chain")
     _drive(stage1, store, new=existing is None)
-    rows = report(cfg, stage1, store, progress=say)
+    try:
+        rows = report(cfg, stage1, store, progress=say)
+    except RuntimeError as e:  # a stage with no held-out score (budget.heldout_top_k: 0)
+        raise fail(f"no report for {cfg.name}: {e}", 1) from e
     best_single = max((r for r in rows if r.kind == "model"), key=lambda r: r.fitness)
     table = Table(
         "model or step",

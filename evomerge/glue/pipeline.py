@@ -213,7 +213,9 @@ def _stage_row(store: Any, study: str) -> Row:
     trials = store.trials(study)
     best = [r for r in store.best(study, top=1, by="heldout") if r.heldout is not None]
     if not best:
-        raise RuntimeError(f"study {study!r} has no trial scored on held-out")
+        raise RuntimeError(
+            f"study {study!r} has no trial scored on held-out (budget.heldout_top_k must be > 0)"
+        )
     row = best[0]
     seconds = sum((t.build_seconds or 0) + (t.eval_seconds or 0) for t in trials)
     note = _describe(row.recipe_json)
