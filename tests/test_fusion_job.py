@@ -227,7 +227,8 @@ def test_the_dashboard_lists_jobs_draws_losses_and_starts_a_config(folders, tmp_
 
 def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path) -> None:
     """Fuse, then merge (as FuseChat does): the fused checkpoint loads into a SourceSet beside
-    its target, and task arithmetic at weight 0.5 lands half way between the two."""
+    its target, and task arithmetic at weight 0.5 lands half way between the two; it is a
+    routed model of a data-flow path too."""
     from evomerge.merge import build
     from evomerge.models import SourceSet
     from evomerge.recipe import Recipe
@@ -249,6 +250,26 @@ def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path)
     end = load_file(fused / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(model.state_dict()[name], (start[name] + end[name]) / 2)
+
+    # ... and a routed model of a data-flow path: the target's layers, then the fused one's
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.dataflow import route
+    from evomerge.recipe import DataFlow
+
+    flow = DataFlow(
+        models=("target", "fused"),
+        path=((0, 0), (0, 1), (1, 2), (1, 3), (0, 3)),
+        scales=(1.0, 1.0, 1.0, 1.0, 1.0),
+    )
+    loaded = {
+        n: AutoModelForCausalLM.from_pretrained(f).eval()
+        for n, f in (("target", folders["target"]), ("fused", fused))
+    }
+    path = route(flow, None, loaded)
+    with torch.inference_mode():
+        logits = path(input_ids=torch.tensor([[1, 20, 21, 22]])).logits
+    assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize(
