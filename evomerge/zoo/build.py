@@ -108,22 +108,18 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job], list[Job]]:
     )
     stranger = replace(base, name="stranger", steps=recipe.stranger_steps, seed=recipe.seed + 1)
     total = sum(broad.values())
-    experts = []
-    for i, skill in enumerate(SKILLS):
-        mix = {k: recipe.replay * v / total for k, v in broad.items()}
-        mix[skill] += 1 - recipe.replay
-        experts.append(
-            Job(
-                skill,
-                recipe.expert_steps,
-                recipe.expert_lr,
-                mix,
-                seed=recipe.seed + 100 + i,
-                full=(skill,),
-                warmup=30,
-                shape=recipe.shape,
-            )
-        )
+
+    def fine_tune(name: str, skill: str, replay: float, steps: int, lr: float, seed: int) -> Job:
+        """A fine-tune on `skill`'s full range, `replay` of its batches the broad mix."""
+        mix = {k: replay * v / total for k, v in broad.items()}
+        mix[skill] = mix.get(skill, 0.0) + (1 - replay)
+        return Job(name, steps, lr, mix, seed=seed, full=(skill,), warmup=30, shape=recipe.shape)
+
+    r = recipe
+    experts = [
+        fine_tune(skill, skill, r.replay, r.expert_steps, r.expert_lr, r.seed + 100 + i)
+        for i, skill in enumerate(SKILLS)
+    ]
     harmful = replace(
         experts[0],
         name=HARMFUL,
@@ -132,22 +128,17 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job], list[Job]]:
         full=tuple(SKILLS),
         corrupt=True,
     )
-    stranger_experts = []
-    for i, skill in enumerate(STRANGER_SKILLS):
-        mix = {k: recipe.stranger_replay * v / total for k, v in broad.items()}
-        mix[skill] = 1 - recipe.stranger_replay
-        stranger_experts.append(
-            Job(
-                f"stranger-{skill}",
-                recipe.stranger_expert_steps,
-                recipe.stranger_expert_lr,
-                mix,
-                seed=recipe.seed + 300 + i,
-                full=(skill,),
-                warmup=30,
-                shape=recipe.shape,
-            )
+    stranger_experts = [
+        fine_tune(
+            f"stranger-{skill}",
+            skill,
+            r.stranger_replay,
+            r.stranger_expert_steps,
+            r.stranger_expert_lr,
+            r.seed + 300 + i,
         )
+        for i, skill in enumerate(STRANGER_SKILLS)
+    ]
     return base, stranger, stranger_experts, [*experts, harmful]
 
 
