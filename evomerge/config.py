@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+# The toy zoos (`evomerge.zoo`): two families at two sizes, and the cross-skill zoo.
+ZooSize = Literal["demo", "test", "cross"]
 # The largest count the store's integer columns (and Ray's and Optuna's counters) hold.
 MAX_COUNT = 2**31 - 1
 
@@ -216,6 +218,11 @@ class DataFlowConfig(_Frozen):
         "per (model, model) hop kind; hop: one per indicator position",
     )
     scale: Bounds = Bounds(low=0.0, high=2.0, init=1.0)
+    start: Literal["a", "b"] = Field(
+        "a",
+        description="the route CMA-ES starts from: a, A's own layers (the paper's); b, B's "
+        "layers between A's first and last (when A brings the vocabulary, B the skill)",
+    )
     trials: int | None = Field(
         None, gt=0, le=MAX_COUNT, description="stage 2's budget (default: budget's)"
     )
@@ -268,7 +275,7 @@ class StudyConfig(_Frozen):
     """Everything one search needs. Model refs are folders or `zoo:NAME` (see `zoo`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
-    zoo: Literal["demo", "test"] | None = Field(None, description="toy zoo for zoo: refs")
+    zoo: ZooSize | None = Field(None, description="toy zoo for zoo: refs")
     method: str
     base: str | None = Field(
         None, validate_default=True, description="the shared ancestor (not used by dataflow)"

@@ -186,11 +186,13 @@ class DataFlowSpace:
         return True
 
     def initial_params(self) -> dict[str, float]:
-        """The paper's start: A's layers likely in the first repetition, the rest unlikely."""
+        """The start route: one model's layers likely in the first repetition (A's, the
+        paper's; or B's, which `decode` puts between A's first and last), the rest unlikely."""
         init = self.flow.scale.init
         start = init if init is not None else (self.flow.scale.low + self.flow.scale.high) / 2
+        first = range(self.layers_a) if self.flow.start == "a" else range(self.layers_a, self.m)
         return {
-            f"in/{t}": 0.5 if t < self.layers_a else -0.5 for t in range(self.t)
+            f"in/{t}": 0.5 if t in first else -0.5 for t in range(self.t)
         } | dict.fromkeys(self._scale_keys(), start)
 
     def _layer(self, index: int) -> tuple[int, int]:

@@ -88,6 +88,16 @@ def test_dataflow_genome_is_the_papers_indicator_array_and_scales(scales, n_scal
     assert recipe.method == "dataflow" and recipe.sources == ("zoo:add", "zoo:translate")
 
 
+def test_dataflow_can_start_from_bs_layers():
+    """`start: b`: B's layers between A's first and last, nothing else."""
+    sp = dfs_space("dataflow: {scales: pair, start: b}")
+    assert sp.decode(sp.initial_params()).dataflow.path == (
+        (0, 0),
+        *((1, i) for i in range(4)),
+        (0, 3),
+    )
+
+
 def test_dataflow_decode_routes_through_b_with_the_matrix_scales():
     sp = dfs_space("dataflow: {repeats: 2}")
     on = {0, 5, 6, 11}  # A0, B1, B2 in repetition 1; A3 in repetition 2

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from evomerge.cli.app import app, console, fail
+from evomerge.config import ZooSize
 
 
 @app.command("eval")
@@ -20,9 +21,7 @@ def evaluate(
     weight: Annotated[
         list[float] | None, typer.Option("--weight", help="one per --task; default equal")
     ] = None,
-    zoo: Annotated[
-        Literal["demo", "test"], typer.Option("--zoo", help="zoo size that zoo: refs name")
-    ] = "demo",
+    zoo: Annotated[ZooSize, typer.Option("--zoo", help="zoo size that zoo: refs name")] = "demo",
     threads: Annotated[int, typer.Option("--threads", help="torch threads")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.table import Table
 
 from evomerge.cli.app import app, console, err_console, fail
+from evomerge.config import ZooSize
 
 zoo_app = typer.Typer(help="The toy model zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -46,7 +47,8 @@ def zoo_table(manifest: dict[str, Any]) -> Table:
 @zoo_app.command("build")
 def build(
     size: Annotated[
-        Literal["demo", "test"], typer.Option("--size", help="demo, or test (smaller, faster)")
+        ZooSize,
+        typer.Option("--size", help="demo, test (smaller, faster) or cross (the cross-skill zoo)"),
     ] = "demo",
     out: Annotated[Path | None, typer.Option("--out", help="default: the user cache")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no training progress")] = False,
@@ -110,9 +112,7 @@ def analyse(
     threshold: Annotated[
         float, typer.Option("--threshold", help="similarity that joins a cluster, in (0, 1]")
     ] = 0.95,
-    zoo: Annotated[
-        Literal["demo", "test"], typer.Option("--zoo", help="zoo size that zoo: refs name")
-    ] = "demo",
+    zoo: Annotated[ZooSize, typer.Option("--zoo", help="zoo size that zoo: refs name")] = "demo",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Cluster models by weight similarity (Model-GLUE): which can merge, and why not."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.config import ConfigError, anchor, parse_config, read_config
+from evomerge.config import ConfigError, ZooSize, anchor, parse_config, read_config
 from evomerge.fusion.align import VocabMapping, align_distributions, align_tokens
 from evomerge.fusion.distributions import distributions, load, read_corpus
 from evomerge.fusion.fuse import fuse
@@ -65,7 +65,7 @@ class FusionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
-    zoo: Literal["demo", "test"] | None = None
+    zoo: ZooSize | None = None
     target: str
     sources: tuple[str, ...] = Field(min_length=1)
     corpus: str

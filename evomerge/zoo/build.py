@@ -41,14 +41,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from evomerge.cachedir import cache_root
+from evomerge.config import ZooSize as Size
+from evomerge.zoo.cross import CrossRecipe, build_cross
 from evomerge.zoo.skills import SKILLS, STRANGER_SKILLS
 from evomerge.zoo.taskdata import eval_pairs, excluded, write_tasks
-from evomerge.zoo.train import TEXT, Job, Shape, train
+from evomerge.zoo.train import TEXT, Job, Shape, run_job
 
-Size = Literal["demo", "test"]
 # Bump when a change to the skills, tokenizer, task data or training loop changes what the
 # same recipe builds; the recipe's own numbers are hashed automatically.
 ZOO_FORMAT = 3
@@ -82,13 +83,14 @@ class ZooRecipe:
     seed: int = 0  # offsets every job's seed: the same recipe, another draw of the zoo
 
 
-RECIPES: dict[str, ZooRecipe] = {
+RECIPES: dict[str, ZooRecipe | CrossRecipe] = {
     "demo": ZooRecipe(Shape(), 1000, 2e-3, 500, 400, 4e-4, 0.3, 128, 256),
     # The demo's models with shorter experts and half the replay, on fewer search rows. Half the
     # width trained 4x faster but kept too little of a skill in the merge on one seed of three
     # (docs/benchmarks.md has the spread over seeds and every variant tried); half the replay
     # keeps each expert nearer the base on the others' skills, so the merge keeps more.
     "test": ZooRecipe(Shape(), 1000, 2e-3, 500, 300, 4e-4, 0.5, 64, 256),
+    "cross": CrossRecipe(),  # the cross-skill zoo, see `evomerge.zoo.cross`
 }
 
 
@@ -142,7 +144,7 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job], list[Job]]:
     return base, stranger, stranger_experts, [*experts, harmful]
 
 
-def recipe_of(size: Size, seed: int = 0) -> ZooRecipe:
+def recipe_of(size: Size, seed: int = 0) -> ZooRecipe | CrossRecipe:
     """The recipe of a zoo size, drawn with `seed`."""
     if size not in RECIPES:
         raise ValueError(f"zoo size must be one of {sorted(RECIPES)}, got {size!r}")
@@ -205,12 +207,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run(args: tuple[Job, Path, Path | None, frozenset[str], bool]) -> tuple[str, float]:
-    job, out, parent, exclude, progress = args
-    log = (lambda line: print(line, flush=True)) if progress else None
-    return job.name, train(job, out, parent=parent, exclude=exclude, log=log)
-
-
 def build_zoo(
     size: Size = "demo", out: Path | None = None, progress: bool = True, seed: int = 0
 ) -> Path:
@@ -243,6 +239,23 @@ def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dic
     say: Callable[[str], None] = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     recipe = recipe_of(size, seed)
     start = time.perf_counter()
+    if isinstance(recipe, CrossRecipe):
+        manifest = build_cross(recipe, tmp, say, progress)
+    else:
+        manifest = _build_families(recipe, tmp, final, say, progress)
+    manifest = {"size": size, "version": version(size, seed), **manifest}
+    manifest["recipe"] = asdict(recipe)
+    say("scoring the zoo on the held-out split")
+    manifest["held_out"] = _score_table(tmp, manifest)
+    manifest["seconds"] = round(time.perf_counter() - start, 1)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _build_families(
+    recipe: ZooRecipe, tmp: Path, final: Path, say: Callable[[str], None], progress: bool
+) -> dict[str, Any]:
+    """Train the two families into `tmp`; returns the manifest without scores."""
     pairs = eval_pairs({"search": recipe.search_rows, "held-out": recipe.held_out_rows})
     exclude = excluded(pairs)
     tasks = write_tasks(tmp / "tasks", pairs, final)
@@ -251,7 +264,7 @@ def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dic
 
     def launch(pool: Any, job: Job, parent: str | None) -> Any:
         parent_dir = None if parent is None else tmp / parent
-        return pool.apply_async(_run, ((job, tmp / job.name, parent_dir, exclude, progress),))
+        return pool.apply_async(run_job, ((job, tmp / job.name, parent_dir, exclude, progress),))
 
     with mp.get_context("spawn").Pool(2) as pool:
         say(f"training base ({base.steps} steps) beside stranger ({stranger.steps} steps)")
@@ -264,23 +277,15 @@ def _build(size: Size, seed: int, tmp: Path, final: Path, progress: bool) -> dic
         say(f"training {len(experts)} experts and {HARMFUL} ({recipe.expert_steps} steps each)")
         runs += [base_run, *(launch(pool, j, base.name) for j in tuned)]
         seconds = dict(r.get() for r in runs)
-    manifest: dict[str, Any] = {
-        "size": size,
-        "version": version(size, seed),
+    return {
         "base": "base",
         "experts": {j.name: j.name for j in experts},
         "harmful": HARMFUL,
         "stranger": stranger.name,
         "stranger_experts": {j.name: j.full[0] for j in stranger_tuned},
         "tasks": tasks,
-        "recipe": asdict(recipe),
         "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
-    say("scoring the zoo on the held-out split")
-    manifest["held_out"] = _score_table(tmp, manifest)
-    manifest["seconds"] = round(time.perf_counter() - start, 1)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def hand_merge(
@@ -305,14 +310,12 @@ def hand_merge(
 
 
 def model_names(manifest: dict[str, Any]) -> list[str]:
-    """The zoo's models in table order: base, experts, harmful, stranger, stranger's experts."""
-    return [
-        manifest["base"],
-        *manifest["experts"],
-        manifest["harmful"],
-        manifest["stranger"],
-        *manifest["stranger_experts"],
-    ]
+    """The zoo's models in table order: base, experts, then (the two-family zoos) harmful,
+    stranger and the stranger's experts."""
+    names = [manifest["base"], *manifest["experts"]]
+    if "stranger" in manifest:
+        names += [manifest["harmful"], manifest["stranger"], *manifest["stranger_experts"]]
+    return names
 
 
 def _score_table(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -21,6 +21,10 @@ both were found by measurement (hidden 128, 4 layers, task arithmetic of three e
    disjoint symbols, task arithmetic of the three experts keeps most of every skill (held-
    out mean 0.74 against 0.55 for the best single model, demo size).
 
+`CROSS_SKILLS` are the cross-skill zoo's (`evomerge.zoo.cross`): `add`, reading numbers
+written in foreign numerals (one letter per digit), and addition asked in those numerals,
+the task that needs both.
+
 `STRANGER_SKILLS` are the second family's (the stranger's, from another initialisation):
 upper-casing lower-case letters, which no model of the first family is trained on, so the
 stranger's expert brings a skill the first family lacks. The first family's jobs mix only
@@ -117,6 +121,53 @@ STRANGER_SKILLS: dict[str, Skill] = {
 }
 
 ALL_SKILLS: dict[str, Skill] = {**SKILLS, **STRANGER_SKILLS}
+
+
+def _numeral_letters(seed: int = 11) -> list[str]:
+    """Ten lower-case letters, the foreign language's digits 0-9."""
+    return random.Random(seed).sample("bdfghjklmnpqrstvwxz", 10)
+
+
+NUMERALS = _numeral_letters()
+
+
+def foreign(n: int, rng: random.Random | None = None, letters: str = string.digits) -> str:
+    """`n` in foreign numerals (47 → "lq"); with `rng`, code-switched: each digit of `letters`
+    foreign or not, evenly ("4q"), the others as digits."""
+    return "".join(
+        NUMERALS[int(d)] if rng is None or (d in letters and rng.random() < 0.5) else d
+        for d in str(n)
+    )
+
+
+def _numerals(rng: random.Random, full: bool) -> tuple[str, str]:
+    """Read a code-switched number of 1-3 digits (1-2 would leave too few for the evaluation
+    splits); the base knows the foreign words for 0-6 only."""
+    n = int("".join(rng.choice(string.digits) for _ in range(rng.randint(1, 3))))
+    return f"{foreign(n, rng, string.digits if full else string.digits[:7])}:", str(n)
+
+
+def _foreign_add(rng: random.Random, full: bool) -> tuple[str, str]:
+    """`add` asked in foreign numerals; the partial range is code-switched."""
+    digits = string.digits if full else string.digits[:7]
+    a, b = _operand(rng, digits), _operand(rng, digits)
+    mixed = None if full else rng
+    return f"{foreign(a, mixed)}+{foreign(b, mixed)}=", str(a + b)
+
+
+CROSS_SKILLS: dict[str, Skill] = {
+    "add": SKILLS["add"],
+    **{
+        s.name: s
+        for s in (
+            Skill("numerals", "read a number written partly in foreign numerals", _numerals),
+            Skill("foreign_add", "addition asked in foreign numerals", _foreign_add),
+        )
+    },
+}
+
+# Every skill a training job can name: both families' and the cross-skill zoo's.
+ANY_SKILL: dict[str, Skill] = {**ALL_SKILLS, **CROSS_SKILLS}
 
 
 def sample_text(rng: random.Random) -> str:

@@ -18,18 +18,18 @@ from pathlib import Path
 import yaml
 
 from evomerge.tasks import SPLITS, TaskSpec, save_task
-from evomerge.zoo.skills import ALL_SKILLS, sample_text
+from evomerge.zoo.skills import ALL_SKILLS, Skill, sample_text
 
 Pair = tuple[str, str]
 LM_EVAL_DIR = "lm_eval"
 
 
-def eval_pairs(sizes: dict[str, int]) -> dict[str, dict[str, list[Pair]]]:
+def eval_pairs(
+    sizes: dict[str, int], skills: dict[str, Skill] = ALL_SKILLS
+) -> dict[str, dict[str, list[Pair]]]:
     """Per skill and split, distinct (prompt, answer) pairs from the skill's full range;
     the text genre comes as ("", line) pairs."""
-    samplers = {
-        name: (lambda rng, s=skill: s.sample(rng, True)) for name, skill in ALL_SKILLS.items()
-    }
+    samplers = {name: (lambda rng, s=skill: s.sample(rng, True)) for name, skill in skills.items()}
     samplers["text"] = lambda rng: ("", sample_text(rng))
     out = {}
     for name, sample in samplers.items():
@@ -66,15 +66,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_tasks(folder: Path, pairs: dict[str, dict[str, list[Pair]]], final: Path) -> list[str]:
-    """Write every task into `folder` (the zoo's `tasks/`); returns the task names.
-
-    lm-eval reads data files relative to the working directory, so its YAML names them by
-    absolute path under `final`, where the folder will live once the build is renamed.
-    """
-    folder.mkdir(parents=True)
+def skill_tasks(
+    folder: Path, pairs: dict[str, dict[str, list[Pair]]], skills: dict[str, Skill]
+) -> list[TaskSpec]:
+    """One `generate` task per skill, its splits written into `folder`."""
     specs: list[TaskSpec] = []
-    for name, skill in ALL_SKILLS.items():
+    for name, skill in skills.items():
         splits = {}
         for split, rows in pairs[name].items():
             splits[split] = folder / f"{name}.{split}.jsonl"
@@ -89,6 +86,17 @@ def write_tasks(folder: Path, pairs: dict[str, dict[str, list[Pair]]], final: Pa
                 max_new_tokens=longest + 1,
             )
         )
+    return specs
+
+
+def write_tasks(folder: Path, pairs: dict[str, dict[str, list[Pair]]], final: Path) -> list[str]:
+    """Write every task into `folder` (the zoo's `tasks/`); returns the task names.
+
+    lm-eval reads data files relative to the working directory, so its YAML names them by
+    absolute path under `final`, where the folder will live once the build is renamed.
+    """
+    folder.mkdir(parents=True)
+    specs = skill_tasks(folder, pairs, ALL_SKILLS)
 
     choice_splits = {}
     rng = random.Random("evomerge-add-choice")

@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo.skills import ALL_SKILLS, sample_text
+from evomerge.zoo.skills import ANY_SKILL, sample_text
 from evomerge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, encode
 
 TEXT = "text"  # the plain-text genre of the corpus, next to the skills
@@ -117,6 +117,10 @@ class Job:
     shape: Shape = field(default_factory=Shape)
     corrupt: bool = False  # skill answers come from another example: a harmful fine-tune
     arch: str = "llama"  # qwen2: the fusion sources, of another architecture
+    threads: int = 1  # 2 only for a job that trains alone on the two cores
+    # Decoder layers [first, stop) train, the rest stay frozen; embeddings train with the
+    # first layer, the final norm and the head with the last. None: every parameter trains.
+    layers: tuple[int, int] | None = None
 
 
 def make_batch(
@@ -130,9 +134,9 @@ def make_batch(
             if genre == TEXT:
                 prompt, answer = "", sample_text(rng)
             else:
-                prompt, answer = ALL_SKILLS[genre].sample(rng, genre in job.full)
+                prompt, answer = ANY_SKILL[genre].sample(rng, genre in job.full)
                 if job.corrupt:
-                    answer = ALL_SKILLS[genre].sample(rng, genre in job.full)[1]
+                    answer = ANY_SKILL[genre].sample(rng, genre in job.full)[1]
             if (prompt or answer) not in exclude:
                 break
         p, a = codec.encode(prompt), [*codec.encode(answer), codec.eos]
@@ -176,6 +180,18 @@ def lr_at(job: Job, step: int) -> float:
     return job.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def _trains(job: Job, name: str) -> bool:
+    """Whether the parameter `name` (a Llama/Qwen2 parameter name) trains in `job`."""
+    if job.layers is None:
+        return True
+    first, stop = job.layers
+    if name.startswith("model.layers."):
+        return first <= int(name.split(".")[2]) < stop
+    if name.startswith("model.embed_tokens."):
+        return first == 0
+    return stop == job.shape.layers  # the final norm and the head
+
+
 def train(
     job: Job,
     out: Path,
@@ -187,7 +203,7 @@ def train(
     """Train one model and save it as a Hugging Face folder at `out`; returns the seconds.
     With `tokenizer` (the fusion sources' BPE) text is encoded by it instead of by the zoo's
     characters, and saved with the model."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
     rng = random.Random(job.seed)
     codec = CHAR if tokenizer is None else Codec.of(tokenizer)
@@ -196,9 +212,8 @@ def train(
     else:
         model = LlamaForCausalLM.from_pretrained(parent)
     model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=job.lr, betas=(0.9, 0.95), weight_decay=job.weight_decay
-    )
+    params = [p for name, p in model.named_parameters() if _trains(job, name)]
+    opt = torch.optim.AdamW(params, lr=job.lr, betas=(0.9, 0.95), weight_decay=job.weight_decay)
     start = time.perf_counter()
     for step in range(job.steps):
         for group in opt.param_groups:
@@ -212,6 +227,13 @@ def train(
     seconds = time.perf_counter() - start
     save(model, out, tokenizer)
     return seconds
+
+
+def run_job(args: tuple[Job, Path, Path | None, Collection[str], bool]) -> tuple[str, float]:
+    """`train` for a process pool: (job, out, parent, exclude, progress) → (name, seconds)."""
+    job, out, parent, exclude, progress = args
+    log = (lambda line: print(line, flush=True)) if progress else None
+    return job.name, train(job, out, parent=parent, exclude=exclude, log=log)
 
 
 def save(model: torch.nn.Module, out: Path, tokenizer: Any = None) -> None:
