@@ -41,8 +41,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "ps",
         {"method": "dare_ties", "search": {"density": {"low": 0.1, "high": 1}}},
     ),
-    "dfs-b-start": ("dfs", {"dataflow": {"start": "b"}}),
-    "dfs-hop-scales": ("dfs", {"dataflow": {"start": "b", "scales": "hop"}}),
+    "dfs-a-start": ("dfs", {"dataflow": {"start": "a"}}),
+    "dfs-hop-scales": ("dfs", {"dataflow": {"scales": "hop"}}),
 }
 
 

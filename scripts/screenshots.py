@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/screenshots.py                      # sample studies
     .venv/bin/python scripts/screenshots.py --storage sqlite:///evomerge.db  # a real database
+    .venv/bin/python scripts/screenshots.py --storage URL --dfs-study S --pages trial-dfs
 
 Uses the system Chromium headless; nothing is downloaded.
 """
@@ -32,13 +33,15 @@ def sample_storage(folder: Path) -> str:
     return url
 
 
-def targets(url: str) -> dict[str, str]:
-    """Page name -> path: the biggest study, its best trial, a DFS trial, a comparison."""
+def targets(url: str, dfs_study: str | None = None) -> dict[str, str]:
+    """Page name -> path: the biggest study, its best trial, a DFS trial (the best of
+    `dfs_study`, else of any study), a comparison."""
     with Store(url) as store:
         studies = store.list_studies()
         big = max(studies, key=lambda s: s.trials_done).name
         best = store.best(big, top=2)
-        dfs = store.best(None, top=1, method="dataflow")
+        by = "heldout" if dfs_study else "fitness"
+        dfs = store.best(dfs_study, top=1, method="dataflow", by=by)
     pages = {"studies": "/", "new-study": "/new", "study": f"/studies/{big}", "best": "/best"}
     pages["similarity"] = f"/studies/{big}/similarity"  # its models must be on this machine
     if best:
@@ -61,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", help="study database (default: sample studies)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--dfs-study", help="the study whose best trial is trial-dfs.png")
+    parser.add_argument("--pages", nargs="+", help="only these pages (default: every one)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,8 +82,12 @@ def main() -> None:
         with serving(app) as base, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
             page = browser.new_page(viewport={"width": 1280, "height": 860})
-            for name, path in targets(url).items():
-                shoot(page, base, path, args.out / f"{name}.png")
+            for name, path in targets(url, args.dfs_study).items():
+                if args.pages is None or name in args.pages:
+                    shoot(page, base, path, args.out / f"{name}.png")
+            if args.pages is not None and "new-study-errors" not in args.pages:
+                browser.close()
+                return
             page.goto(base + "/new")
             text = re.sub(r"high: [\d.]+", "high: -1", page.input_value("#yaml"), count=1)
             page.fill("#yaml", re.sub(r"count: \d+", "count: 0", text))

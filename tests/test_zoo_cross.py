@@ -139,7 +139,8 @@ def test_ps_and_dfs_studies_and_the_route_they_draw(cross_zoo: Path, tmp_path: P
     dfs = store.best("cross-dfs", top=1, by="heldout")[0]
     flow = Recipe.from_json(dfs.recipe_json).dataflow
     assert flow is not None and flow.models == ("zoo:lang", "zoo:math")
-    client = TestClient(create_app(url, configs_dir=tmp_path, export_dir=tmp_path / "x"))
+    app = create_app(url, configs_dir=tmp_path, export_dir=tmp_path / "x")
+    client = TestClient(app, base_url="http://127.0.0.1")
     page = client.get(f"/studies/cross-dfs/trials/{dfs.number}").text
     assert page.count("<circle") == len(flow.path) and 'marker-end="url(#arrow)"' in page
     for i, ((model, layer), scale) in enumerate(zip(flow.path, flow.scales, strict=True)):
