@@ -191,9 +191,9 @@ class DataFlowSpace:
         init = self.flow.scale.init
         start = init if init is not None else (self.flow.scale.low + self.flow.scale.high) / 2
         first = range(self.layers_a) if self.flow.start == "a" else range(self.layers_a, self.m)
-        return {
-            f"in/{t}": 0.5 if t in first else -0.5 for t in range(self.t)
-        } | dict.fromkeys(self._scale_keys(), start)
+        return {f"in/{t}": 0.5 if t in first else -0.5 for t in range(self.t)} | dict.fromkeys(
+            self._scale_keys(), start
+        )
 
     def _layer(self, index: int) -> tuple[int, int]:
         """(model, layer) of position `index` in A's then B's layers."""
