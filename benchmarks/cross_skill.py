@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import AutoTokenizer
 
+from benchmarks.studies import run_config
 from evomerge.config import StudyConfig
 from evomerge.demo import score_models
 from evomerge.fitness import Evaluator
@@ -57,19 +57,6 @@ def _patched(config: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run(config: dict[str, Any], folder: Path, url: str) -> float:
-    """Run one study through `evomerge run`; returns its wall seconds."""
-    path = folder / f"{config['name']}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "run", str(path), "--storage", url],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - start
-
-
 def _final(store: Store, study: str) -> tuple[float, float]:
     """Held-out accuracy of the study's final recipe (the best by held-out of the
     `heldout_top_k` re-scored), and of its best recipe by search fitness alone."""
@@ -86,8 +73,6 @@ def _references(config: StudyConfig, zoo: Path) -> dict[str, float]:
         ref[4:]: s.fitness
         for ref, s in score_models(config, [config.base, *config.sources]).items()
     }
-    from transformers import AutoTokenizer
-
     evaluator = Evaluator([t.task for t in config.fitness.tasks], split="held-out", zoo_dir=zoo)
     tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
     for weight in (0.8, 1.0):
@@ -130,7 +115,7 @@ def main() -> None:
                 else:
                     config["budget"] = {**base["budget"], "trials": args.trials}
                     final = study
-                seconds[name].append(_run(config, folder, url))
+                seconds[name].append(run_config(config, folder, url))
                 results[name].append(_final(Store(url), final))
                 print(f"seed {seed} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
         references = _references(StudyConfig.load(CONFIGS / "ps.yaml"), zoo)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.studies import run_config
 from evomerge.config import StudyConfig
 from evomerge.demo import score_models
 from evomerge.zoo import build_zoo
@@ -35,15 +33,7 @@ def run_study(config: Path, workers: int | None, url: str, tmp: Path) -> float:
     data = yaml.safe_load(config.read_text())
     if workers:
         data["workers"] = {**data.get("workers", {}), "count": workers}
-    path = tmp / config.name
-    path.write_text(yaml.safe_dump(data))
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "run", str(path), "--storage", url],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - t0
+    return run_config(data, tmp, url)
 
 
 def main(argv: list[str] | None = None) -> None:
