@@ -3,8 +3,9 @@
 One call of `train` is one model: from scratch (base, stranger) or from a parent folder
 (experts). Batches are generated on the fly from the skills, so there is no dataset to store;
 prompts (and text lines) of the evaluation splits are rejected, so no evaluated example is
-ever trained on. Each job runs on one torch thread: jobs run side by side in processes, and
-two threads per job on a shared two-core machine made steps up to 20 times slower.
+ever trained on. A job runs on one torch thread (`Job.threads`): jobs run side by side in
+processes, and two threads per job on a shared two-core machine made steps up to 20 times
+slower; only a job that trains alone (the cross-skill zoo's base) takes two.
 """
 
 from __future__ import annotations
