@@ -48,7 +48,7 @@ from evomerge.config import ZooSize as Size
 from evomerge.zoo.cross import CrossRecipe, build_cross
 from evomerge.zoo.skills import SKILLS, STRANGER_SKILLS
 from evomerge.zoo.taskdata import eval_pairs, excluded, write_tasks
-from evomerge.zoo.train import TEXT, Job, Shape, run_job
+from evomerge.zoo.train import TEXT, Job, Shape, replay_mix, run_job
 
 # Bump when a change to the skills, tokenizer, task data or training loop changes what the
 # same recipe builds; the recipe's own numbers are hashed automatically.
@@ -113,8 +113,7 @@ def jobs(recipe: ZooRecipe) -> tuple[Job, Job, list[Job], list[Job]]:
 
     def fine_tune(name: str, skill: str, replay: float, steps: int, lr: float, seed: int) -> Job:
         """A fine-tune on `skill`'s full range, `replay` of its batches the broad mix."""
-        mix = {k: replay * v / total for k, v in broad.items()}
-        mix[skill] = mix.get(skill, 0.0) + (1 - replay)
+        mix = replay_mix(broad, skill, replay)
         return Job(name, steps, lr, mix, seed=seed, full=(skill,), warmup=30, shape=recipe.shape)
 
     r = recipe

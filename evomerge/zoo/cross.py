@@ -40,7 +40,7 @@ from typing import Any
 from evomerge.tasks import save_task
 from evomerge.zoo.skills import CROSS_SKILLS
 from evomerge.zoo.taskdata import eval_pairs, excluded, skill_tasks
-from evomerge.zoo.train import Job, Shape, run_job
+from evomerge.zoo.train import Job, Shape, replay_mix, run_job
 
 TASK = "foreign_add"
 # Expert → (the skill it extends, the decoder layers it fine-tunes: (0, 0) is the embeddings
@@ -82,15 +82,13 @@ def jobs(recipe: CrossRecipe) -> tuple[Job, list[Job]]:
     )
     experts = []
     for i, (name, (skill, layers)) in enumerate(EXPERTS.items()):
-        mix = {k: recipe.replay * v / len(broad) for k, v in broad.items()}
-        mix[skill] += 1 - recipe.replay
         experts.append(
             replace(
                 base,
                 name=name,
                 steps=recipe.expert_steps,
                 lr=recipe.expert_lr,
-                mix=mix,
+                mix=replay_mix(broad, skill, recipe.replay),
                 seed=recipe.seed + 500 + i,
                 full=(skill,),
                 warmup=30,
@@ -106,10 +104,8 @@ def build_cross(
     recipe: CrossRecipe, tmp: Path, say: Callable[[str], None], progress: bool
 ) -> dict[str, Any]:
     """Train the cross-skill zoo into `tmp`; returns its manifest (without scores)."""
-    pairs = eval_pairs(
-        {"search": recipe.search_rows, "held-out": recipe.held_out_rows}, CROSS_SKILLS
-    )
-    pairs.pop("text")
+    sizes = {"search": recipe.search_rows, "held-out": recipe.held_out_rows}
+    pairs = eval_pairs(sizes, CROSS_SKILLS, text=False)
     exclude = excluded(pairs)
     (tmp / "tasks").mkdir(parents=True)
     specs = skill_tasks(tmp / "tasks", pairs, CROSS_SKILLS)

@@ -25,12 +25,13 @@ LM_EVAL_DIR = "lm_eval"
 
 
 def eval_pairs(
-    sizes: dict[str, int], skills: dict[str, Skill] = ALL_SKILLS
+    sizes: dict[str, int], skills: dict[str, Skill] = ALL_SKILLS, text: bool = True
 ) -> dict[str, dict[str, list[Pair]]]:
     """Per skill and split, distinct (prompt, answer) pairs from the skill's full range;
-    the text genre comes as ("", line) pairs."""
+    with `text`, the text genre too, as ("", line) pairs."""
     samplers = {name: (lambda rng, s=skill: s.sample(rng, True)) for name, skill in skills.items()}
-    samplers["text"] = lambda rng: ("", sample_text(rng))
+    if text:
+        samplers["text"] = lambda rng: ("", sample_text(rng))
     out = {}
     for name, sample in samplers.items():
         rng = random.Random(f"evomerge-eval-{name}")

@@ -124,6 +124,14 @@ class Job:
     layers: tuple[int, int] | None = None
 
 
+def replay_mix(broad: dict[str, float], skill: str, replay: float) -> dict[str, float]:
+    """A fine-tune's mix: `replay` of its batches from the `broad` mix, the rest `skill`."""
+    total = sum(broad.values())
+    mix = {k: replay * v / total for k, v in broad.items()}
+    mix[skill] = mix.get(skill, 0.0) + (1 - replay)
+    return mix
+
+
 def make_batch(
     job: Job, rng: random.Random, exclude: Collection[str], codec: Codec = CHAR
 ) -> list[Row]:
