@@ -145,6 +145,7 @@ def test_trial_page_draws_heatmaps_metrics_and_timings(client: TestClient, fille
     recipe = Recipe.from_json(row.recipe_json)
     page = client.get(f"/studies/ties-done/trials/{row.number}").text
     assert page.count('<svg class="heatmap"') == 2  # weight and density
+    assert f"{len(recipe.groups)} layer groups" in page
     cells = len(SOURCES) * len(recipe.groups) * 2
     assert page.count("<rect x=") == cells
     w = recipe.value("weight", "layers.2-3", 1)
@@ -163,6 +164,7 @@ def test_trial_page_draws_the_dfs_path(client: TestClient, filled: str) -> None:
     assert page.count("<circle") == len(flow.path)
     assert f"×{flow.scales[3]:.2f}" in page
     assert page.count('marker-end="url(#arrow)"') == len(flow.path) - 1
+    assert "layer groups" not in page  # a route merges nothing: no "0 layer groups"
 
 
 def test_similarity_page_draws_the_matrix_and_its_clusters(client: TestClient) -> None:
