@@ -16,6 +16,11 @@ from tests.fixtures_models import NAMES, make_family
 from tests.test_merge_methods import recipe_for
 
 PLACEMENTS = [p.value for p in Placement]
+# The GPU cases run where one is (the host placement then streams through pinned buffers).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 
 
 def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:
@@ -24,7 +29,7 @@ def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor
     model = sources.new_model(recipe.dtype)
     plan = resolve(recipe, sources)
     params = dict(model.named_parameters(remove_duplicate=False))
-    resident = list(sources.slots)
+    resident = [sources.slots[i] for i in range(len(sources.slots))]  # each its own memory
     with torch.no_grad():
         for slot in resident:
             plan.method.merge(plan.job(slot, params[slot.name].detach().view(-1)))
@@ -43,26 +48,32 @@ def assert_bits(mine: dict, theirs: dict) -> None:
         assert torch.equal(mine[k], theirs[k]), k
 
 
-def _load(base, sources, placement, names=NAMES, base_name="base") -> SourceSet:
-    return SourceSet.load(base, sources, names=names, base_name=base_name, placement=placement)
+def _load(base, sources, placement, names=NAMES, base_name="base", device="cpu") -> SourceSet:
+    return SourceSet.load(
+        base, sources, names=names, base_name=base_name, placement=placement, device=device
+    )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_placement_builds_the_same_bits(method, placement, tiny_family):
-    reference = _load(tiny_family.base, tiny_family.sources, Placement.DEVICE)
-    placed = _load(tiny_family.base, tiny_family.sources, placement)
+def test_every_placement_builds_the_same_bits(method, placement, device, tiny_family):
+    reference = _load(tiny_family.base, tiny_family.sources, Placement.DEVICE, device=device)
+    placed = _load(tiny_family.base, tiny_family.sources, placement, device=device)
     recipe = recipe_for(method, reference, fixed={"density": 0.6}, seed=3)
     expected = resident_build(recipe, reference)
     assert_bits(placed_build(recipe, placed), expected)
     assert_bits(placed_build(recipe, placed), expected)  # again, after the first build's caches
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_every_placement_builds_the_same_bits_on_bf16_shards(placement, tiny_llama_bf16_sharded):
+def test_every_placement_builds_the_same_bits_on_bf16_shards(
+    placement, device, tiny_llama_bf16_sharded
+):
     fam = tiny_llama_bf16_sharded
-    reference = _load(fam.base, fam.sources, Placement.DEVICE, names=NAMES[:2])
-    placed = _load(fam.base, fam.sources, placement, names=NAMES[:2])
+    reference = _load(fam.base, fam.sources, Placement.DEVICE, names=NAMES[:2], device=device)
+    placed = _load(fam.base, fam.sources, placement, names=NAMES[:2], device=device)
     for method in sorted(METHODS):
         srcs = NAMES[:1] if method == "slerp" else NAMES[:2]
         recipe = recipe_for(method, reference, sources=srcs, dtype="bfloat16", seed=5)
