@@ -1,6 +1,6 @@
 """Real scale: a worker's memory per model parameter in each placement, against the floors.
 
-python -m benchmarks.scale [--size small|mid|full] [--dir DIR] [--trials 5]
+python -m benchmarks.scale [--size small|mid|full] [--dir DIR] [--trials 5] [--device cuda]
 
 Mistral-shaped bf16 checkpoints in 256 MB shards (base + 3 sources; `full` 308M parameters,
 `mid` 149M, `small` 46M) are generated once into DIR (default: the temp dir, outside git).
@@ -22,6 +22,10 @@ Each row runs in a fresh process; the first with an empty statistics cache:
   without the merge (every tensor's float32 base and task vectors formed from the
   placement's weights, the base written into the candidate), and `copy`, the copy reference
   of benchmarks/merge_build (plain float32 copies of the bytes a build reads and writes).
+- `--device cuda`: the same on the GPU (bf16 candidate and builds there, every time taken
+  after a synchronize). The floors are then judged on the device's memory per parameter
+  (`torch.cuda.memory_allocated` after load and after the trials, the build's peak from
+  `max_memory_allocated` beside them); the two workers are two actors with half a GPU each.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,52 +125,73 @@ def streamer(sources, model):
     return run
 
 
-def load(root: Path, placement: str):
+def load(root: Path, placement: str, device: str = "cpu"):
     """The worker's load: the SourceSet of the benchmark's checkpoints."""
     from evomerge.models import SourceSet
 
     sources = [root / s for s in SOURCES]
     return SourceSet.load(
-        root / "base", sources, names=SOURCES, base_name="base", placement=placement
+        root / "base", sources, names=SOURCES, base_name="base", placement=placement, device=device
     )
 
 
-def measure(root: Path, placement: str, trials: int) -> dict:
+def seconds(fn, device: str) -> float:
+    """Wall seconds of one call, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def device_usage(n: int) -> dict[str, float]:
+    """The GPU's allocated bytes per parameter now and at the peak since the last reset."""
+    return {
+        "device": torch.cuda.memory_allocated() / n,
+        "device_peak": torch.cuda.max_memory_allocated() / n,
+    }
+
+
+def measure(root: Path, placement: str, trials: int, device: str) -> dict:
     """One worker's life in this process: load, candidate, `trials` builds per method."""
-    from benchmarks.merge_build import copier, median, recipe, timed
+    from benchmarks.merge_build import copier, recipe
     from evomerge.merge import build
 
+    gpu = device == "cuda"
     m0 = memory()
     t0 = time.perf_counter()
-    sources = load(root, placement)
+    sources = load(root, placement, device)
     load_s = time.perf_counter() - t0
     model = sources.new_model("bfloat16")
     n = sum(e.numel for e in sources.entries)
-    out = {"placement": placement, "params": n, "load_s": load_s}
-    out["after_load"] = usage(memory(), m0, n)
+    out = {"placement": placement, "params": n, "load_s": load_s, "device": device}
+    out["after_load"] = usage(memory(), m0, n) | (device_usage(n) if gpu else {})
     groups = sources.groups(1)
     builds = {}
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     for method in METHODS if trials else ():
         r = recipe(method, groups, "base").model_copy(update={"dtype": "bfloat16"})
-        builds[method] = median(
-            [timed(lambda r=r: build(r, sources, model)) for _ in range(trials)]
-        )[0]
-    out["after_trials"] = usage(memory(), m0, n)  # before the references allocate theirs
+        runs = [seconds(lambda r=r: build(r, sources, model), device) for _ in range(trials)]
+        builds[method] = statistics.median(runs)
+    # before the references allocate theirs
+    out["after_trials"] = usage(memory(), m0, n) | (device_usage(n) if gpu else {})
     if trials:
         r = recipe("task_arithmetic", groups, "base").model_copy(update={"dtype": "bfloat16"})
-        builds["task_arithmetic"] = median(
-            [timed(lambda: build(r, sources, model)) for _ in range(2)]
-        )[0]
-        out["stream_s"] = median([timed(streamer(sources, model)) for _ in range(2)])[0]
-        out["copy_s"] = median([timed(copier(sources)) for _ in range(3)])[0]
+        runs = [seconds(lambda: build(r, sources, model), device) for _ in range(2)]
+        builds["task_arithmetic"] = statistics.median(runs)
+        stream, copy = streamer(sources, model), copier(sources)
+        out["stream_s"] = statistics.median(seconds(stream, device) for _ in range(2))
+        out["copy_s"] = statistics.median(seconds(copy, device) for _ in range(3))
     out["build_s"] = builds
     return out
 
 
-def child(root: Path, placement: str, trials: int, cache: Path) -> dict:
+def child(root: Path, placement: str, trials: int, cache: Path, device: str) -> dict:
     env = os.environ | {"EVOMERGE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "benchmarks.scale", "--dir", str(root), "--child", placement]
-    cmd += ["--trials", str(trials)]
+    cmd += ["--trials", str(trials), "--device", device]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -184,11 +210,13 @@ class MeasuredWorker:
         return self.before, os.getpid(), self.worker.evaluate(recipe_json).error
 
 
-def pair(root: Path, cache: Path) -> dict:
+def pair(root: Path, cache: Path, device: str) -> dict:
     """Two host workers as a study runs them: `CandidateWorker`s in two Ray actors on this
     node, each loaded and after one dare_ties trial (a build and a zoo:add evaluation). Their
     memory above their own start is read while both are alive: they map the same files, so
-    the checkpoint pages are the page cache's and neither counts them as its own."""
+    the checkpoint pages are the page cache's and neither counts them as its own. On a GPU
+    each actor has half of it."""
+    gpus = 0.5 if device == "cuda" else 0
     import ray
 
     from benchmarks.merge_build import recipe
@@ -209,13 +237,14 @@ def pair(root: Path, cache: Path) -> dict:
         torch_threads=1,
         placement="host",
         workers=2,
+        gpus_per_worker=gpus,
     )
     groups = load(root, "host").groups(1)
     trial = recipe("dare_ties", groups, "base").model_copy(update={"dtype": "bfloat16"})
     env = {"env_vars": {"EVOMERGE_CACHE": str(cache), "PYTHONPATH": os.getcwd()}}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False)
     try:
-        actor = ray.remote(num_cpus=1)(MeasuredWorker)
+        actor = ray.remote(num_cpus=1, num_gpus=gpus)(MeasuredWorker)
         workers = [actor.remote(spec) for _ in range(2)]
         reports = ray.get([w.evaluate.remote(trial.to_json()) for w in workers])
         errors = [e for _, _, e in reports if e]
@@ -230,29 +259,42 @@ def pair(root: Path, cache: Path) -> dict:
 
 def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
     n = runs[0][1]["params"]
+    gpu = runs[0][1]["device"] == "cuda"
     sources = 2 * 4  # bf16 base + 3 sources, bytes a parameter
     floors = {"host": HOST_FLOOR * 2, "device": DEVICE_FLOOR * (sources + 2)}
+    judged = "device" if gpu else "anonymous"  # the floor's metric
+    where = torch.cuda.get_device_name() if gpu else "the CPU"
     lines = [
         f"{n / 1e6:.0f}M parameters, base + 3 sources, bf16 (2 bytes a parameter a model); "
-        f"candidate bf16; {trials} builds each of {' and '.join(METHODS)}; torch "
+        f"candidate bf16 on {where}; {trials} builds each of {' and '.join(METHODS)}; torch "
         f"{torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} torch threads, "
         f"load average {os.getloadavg()[0]:.1f} at the end",
         "",
-        "| run | load (s) | anonymous B/param after load | after trials | floor | private "
-        "after load | after trials |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | load (s) | anonymous B/param after load | after trials | private after load "
+        "| after trials |" + (" device B/param after load | after trials | build peak |" * gpu),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * 3 * gpu,
     ]
+    verdicts = []
     for label, r in runs:
         a, b = r["after_load"], r["after_trials"]
+        after = b if r["build_s"] else {k: float("nan") for k in b}
+        row = (
+            f"| {label} | {r['load_s']:.2f} | {a['anonymous']:.2f} | {after['anonymous']:.2f} | "
+            f"{a['private']:.2f} | {after['private']:.2f} |"
+        )
+        if gpu:
+            row += f" {a['device']:.2f} | {after['device']:.2f} | {after['device_peak']:.2f} |"
+        lines.append(row)
         floor = floors[r["placement"]]
-        ok = "met" if max(a["anonymous"], b["anonymous"]) <= floor else "MISSED"
-        lines.append(
-            f"| {label} | {r['load_s']:.2f} | {a['anonymous']:.2f} | "
-            f"{b['anonymous'] if r['build_s'] else float('nan'):.2f} | {floor:.2f} ({ok}) | "
-            f"{a['private']:.2f} | {b['private']:.2f} |"
+        worst = max(a[judged], b[judged])
+        verdicts.append(
+            f"{label}: {judged} {worst:.2f} B/param against the floor {floor:.2f} "
+            f"({'met' if worst <= floor else 'MISSED'})"
         )
     lines += [
+        "",
+        *verdicts,
         "",
         "| placement | dare_ties (s) | ties (s) | task_arithmetic (s) | stream (s) | copy (s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -261,8 +303,8 @@ def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
         if r["build_s"]:
             b = r["build_s"]
             lines.append(
-                f"| {label} | {b['dare_ties']:.2f} | {b['ties']:.2f} | "
-                f"{b['task_arithmetic']:.2f} | {r['stream_s']:.2f} | {r['copy_s']:.2f} |"
+                f"| {label} | {b['dare_ties']:.3f} | {b['ties']:.3f} | "
+                f"{b['task_arithmetic']:.3f} | {r['stream_s']:.3f} | {r['copy_s']:.3f} |"
             )
     total = sum(two["anonymous"])
     lines += [
@@ -280,21 +322,27 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SHAPES), default="full")
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--child", choices=("device", "host"))
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
     root = args.dir or Path(tempfile.gettempdir()) / f"evomerge-scale-{args.size}"
     if args.child:
-        print(json.dumps(measure(root, args.child, args.trials)))
+        print(json.dumps(measure(root, args.child, args.trials, args.device)))
         return
     write_checkpoints(root, SHAPES[args.size])
     with tempfile.TemporaryDirectory() as cache:
         runs = [
-            ("host, first load", child(root, "host", 0, Path(cache))),
-            ("host, second load", child(root, "host", args.trials, Path(cache))),
-            ("device, second load", child(root, "device", args.trials, Path(cache))),
+            ("host, first load", child(root, "host", 0, Path(cache), args.device)),
+            ("host, second load", child(root, "host", args.trials, Path(cache), args.device)),
+            ("device, second load", child(root, "device", args.trials, Path(cache), args.device)),
         ]
-        two = pair(root, Path(cache))
-    print(f"python -m benchmarks.scale --size {args.size} --trials {args.trials}")
+        two = pair(root, Path(cache), args.device)
+    print(
+        f"python -m benchmarks.scale --size {args.size} --trials {args.trials} "
+        f"--device {args.device}"
+    )
     print(f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs")
     print("\n".join(report(runs, two, args.trials)))
     print(json.dumps({"runs": dict(runs), "two_workers": two}))

@@ -140,8 +140,12 @@ def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class TensorSlot:
-    """One tensor as the merge engine sees it: base, stacked task vectors, statistics.
+    """One tensor as the merge engine sees it: its raw weights, statistics, and the base and
+    task vectors formed from them when asked for.
 
+    `base` and `tv` form the whole tensor (in `into` when given) on first use; `span` forms
+    a range of elements alone, with the same values, so a method that reads each weight once
+    (a weighted sum, a DARE pass) never writes the task vectors out and reads them back.
     `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
     order statistics of each task vector; `cache` what the merge engine derives on first use
     (tables of a random stream, say), kept in files beside the statistics.
@@ -150,16 +154,46 @@ class TensorSlot:
     name: str
     shape: torch.Size
     part: str | int
-    base: torch.Tensor  # [numel]
-    tv: torch.Tensor  # [S, numel]
+    raw: list[torch.Tensor]  # flat [base, source_1, ...] as the placement holds them
+    store: torch.dtype  # the dtype of the formed base and task vectors
     l1: torch.Tensor  # float64 [S]
     gram: torch.Tensor  # float64 [S + 1, S + 1]
     grid: MagnitudeGrid
     cache: stats_cache.Derived = field(repr=False)
+    into: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
-        return self.base.numel()
+        return self.shape.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw[0].device
+
+    @cached_property
+    def formed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _form(self.raw, self.store, self.into)
+
+    @property
+    def base(self) -> torch.Tensor:
+        """[numel], dtype `store`."""
+        return self.formed[0]
+
+    @property
+    def tv(self) -> torch.Tensor:
+        """[S, numel], dtype `store`."""
+        return self.formed[1]
+
+    def span(
+        self, start: int, stop: int, into: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 base [c] and task vectors [S, c] of elements start..stop: views of the
+        formed tensors, or formed for this span alone (in `into`, dtype `store`)."""
+        if "formed" in self.__dict__:
+            b, tv = self.formed
+            return b[start:stop].float(), tv[:, start:stop].float()
+        b, tv = _form([r[start:stop] for r in self.raw], self.store, into)
+        return b.float(), tv.float()
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,14 +223,14 @@ class Slots(Sequence[TensorSlot]):
 
     def __getitem__(self, i: int) -> TensorSlot:  # type: ignore[override]
         entry = self._entries[i]
-        return _slot(entry, *_form(next(self._weights.stream([entry.name])), self._store))
+        return _slot(entry, next(self._weights.stream([entry.name])), self._store, None)
 
     def __iter__(self) -> Iterator[TensorSlot]:
         """Each slot is valid until the next one is reached: they share one buffer."""
         names = [e.name for e in self._entries]
-        formed = _formed(names, self._weights, self._store)
-        for entry, (_, (b, tv)) in zip(self._entries, formed, strict=True):
-            yield _slot(entry, b, tv)
+        buffered = _buffered(names, self._weights, self._store)
+        for entry, (raw, into) in zip(self._entries, buffered, strict=True):
+            yield _slot(entry, raw, self._store, into)
 
 
 def _base(raw: torch.Tensor, store: torch.dtype) -> torch.Tensor:
@@ -227,24 +261,29 @@ def _form(
     return b, tv
 
 
-def _formed(
+def _buffered(
     names: Sequence[str], weights: Weights, store: torch.dtype
-) -> Iterator[tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-    """(raw weights, (base, task vectors)) of each tensor in turn, formed in one buffer that
-    the next tensor reuses: a fresh float32 temporary per tensor costs the CPU a page fault
-    per 4 KiB it touches (2.4 GB of faults a pass at 147M parameters, most of the time a
-    host build spent outside its maths). The buffer grows to the largest tensor (the
-    embedding, first in group order), the peak a tensor-by-tensor pass has anyway."""
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Each tensor's raw weights in turn, with one buffer to form them in that the next
+    tensor reuses: a fresh float32 temporary per tensor costs the CPU a page fault per 4 KiB
+    it touches (2.4 GB of faults a pass at 147M parameters, most of the time a host build
+    spent outside its maths). The buffer grows to the largest tensor (the embedding, first
+    in group order), the peak a tensor-by-tensor pass has anyway; untouched, it costs
+    nothing."""
     into = torch.empty(0, dtype=store)
     for raw in weights.stream(names):
         if into.numel() < len(raw) * raw[0].numel():
             into = scratch(len(raw) * raw[0].numel(), store, raw[0].device)
-        yield raw, _form(raw, store, into)
+        yield raw, into
 
 
-def _slot(entry: TensorEntry, b: torch.Tensor, tv: torch.Tensor) -> TensorSlot:
+def _slot(
+    entry: TensorEntry, raw: list[torch.Tensor], store: torch.dtype, into: torch.Tensor | None
+) -> TensorSlot:
     s = entry.stats
-    return TensorSlot(entry.name, entry.shape, entry.part, b, tv, s.l1, s.gram, s.grid, entry.cache)
+    return TensorSlot(
+        entry.name, entry.shape, entry.part, raw, store, s.l1, s.gram, s.grid, entry.cache, into
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -463,11 +502,11 @@ def _statistics(
 ) -> dict[str, TensorStats]:
     """One pass over every weight: refuse non-float and non-finite ones, compute statistics."""
     stats = {}
-    for name, (raw, (b, tv)) in zip(tensors, _formed(tensors, weights, store), strict=True):
+    for name, (raw, into) in zip(tensors, _buffered(tensors, weights, store), strict=True):
         for model, t in zip(models, raw, strict=True):
             if not t.is_floating_point():
                 raise ValueError(f"{model}: tensor {name} is {t.dtype}, not floating point")
             if not torch.isfinite(t).all():
                 raise ValueError(f"{model}: tensor {name} has NaN or inf values")
-        stats[name] = TensorStats.of(b, tv)
+        stats[name] = TensorStats.of(*_form(raw, store, into))
     return stats

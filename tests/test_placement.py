@@ -25,11 +25,13 @@ DEVICES = [
 
 def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:
     """The build as it was before placements: every tensor's float32 base and task vectors
-    resident at once, merged tensor by tensor."""
+    formed whole and resident at once, merged tensor by tensor."""
     model = sources.new_model(recipe.dtype)
     plan = resolve(recipe, sources)
     params = dict(model.named_parameters(remove_duplicate=False))
     resident = [sources.slots[i] for i in range(len(sources.slots))]  # each its own memory
+    for slot in resident:
+        assert slot.formed  # so every method reads them, never a span formed alone
     with torch.no_grad():
         for slot in resident:
             plan.method.merge(plan.job(slot, params[slot.name].detach().view(-1)))

@@ -31,11 +31,18 @@ def chunks(n: int, size: int = CHUNK):
         yield start, min(start + size, n)
 
 
-def gather(slot: TensorSlot, rows: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-    """Float32 [len(rows), stop - start] view (or copy) of the task vectors of `rows`."""
-    tv = slot.tv
+def gather(
+    slot: TensorSlot, rows: tuple[int, ...], start: int, stop: int, into: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 base [stop - start] and task vectors of `rows` [len(rows), stop - start]."""
+    b, tv = slot.span(start, stop, into)
     every = rows == tuple(range(tv.shape[0]))
-    return (tv[:, start:stop] if every else tv[list(rows), start:stop]).float()
+    return b, (tv if every else tv[list(rows)])
+
+
+def span_buffer(slot: TensorSlot, size: int) -> torch.Tensor:
+    """A buffer for `slot.span` of up to `size` elements, reused by every span of a pass."""
+    return torch.empty(len(slot.raw) * min(size, slot.numel), dtype=slot.store, device=slot.device)
 
 
 def _weighted_sum(
@@ -52,19 +59,24 @@ def _weighted_sum(
 
 
 def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float]) -> None:
-    """out = c_base * base + sum_r coef[r] * tv[r], straight into `out` when all is float32.
-
-    A chain of in-place adds streams better than one addmm (whose packing costs a copy).
-    """
+    """out = c_base * base + sum_r coef[r] * tv[r], span by span: each weight is read once
+    and no task vector is written out, so a weighted sum moves what a copy of its inputs
+    and output would. A chain of in-place adds streams better than one addmm (whose
+    packing costs a copy)."""
     terms = [(r, c) for r, c in enumerate(coef) if c != 0]
-    b, tv = slot.base, slot.tv
-    if b.dtype == tv.dtype == out.dtype == torch.float32:
-        _weighted_sum(b, tv, c_base, terms, out)
-        return
-    for start, stop in chunks(slot.numel, steps(SCAN, b.device)):
-        part = torch.empty(stop - start, device=b.device)
-        _weighted_sum(b[start:stop].float(), tv[:, start:stop].float(), c_base, terms, part)
-        out[start:stop].copy_(part)
+    size = steps(CHUNK, slot.device)
+    into = span_buffer(slot, size)
+    part = (
+        None
+        if out.dtype == torch.float32
+        else torch.empty(min(size, slot.numel), device=out.device)
+    )
+    for start, stop in chunks(slot.numel, size):
+        b, tv = slot.span(start, stop, into)
+        dst = out[start:stop] if part is None else part[: stop - start]
+        _weighted_sum(b, tv, c_base, terms, dst)
+        if part is not None:
+            out[start:stop].copy_(dst)
 
 
 @dataclass(frozen=True)

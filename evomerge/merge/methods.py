@@ -21,6 +21,7 @@ from evomerge.merge.kernels import (
     gather,
     keep_none,
     rng_key,
+    span_buffer,
     steps,
     top_k,
 )
@@ -48,13 +49,13 @@ INT8_MASK = OptionSpec("int8_mask", False, "mergekit's mask storage; no numerica
 FILTER_WISE = OptionSpec("filter_wise", False, "one interpolation ratio per output row")
 
 
-def _emit(job: TensorJob, start: int, stop: int, delta: torch.Tensor) -> None:
-    """out[start:stop] = base + delta, cast to the candidate's dtype."""
-    b, dst = job.slot.base[start:stop], job.out[start:stop]
-    if b.dtype == dst.dtype == torch.float32:
+def _emit(job: TensorJob, start: int, stop: int, b: torch.Tensor, delta: torch.Tensor) -> None:
+    """out[start:stop] = b + delta (b: the float32 base there), cast to the candidate's dtype."""
+    dst = job.out[start:stop]
+    if dst.dtype == torch.float32:
         torch.add(b, delta, out=dst)
     else:
-        dst.copy_(b.float() + delta)
+        dst.copy_(b + delta)
 
 
 def _elect(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def _elect(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _coefficients(slot: TensorSlot, rows, weights) -> list[float]:
     """Per task-vector row coefficients from per-model weights (the base, row None, has none)."""
-    coef = [0.0] * slot.tv.shape[0]
+    coef = [0.0] * (len(slot.raw) - 1)
     for row, w in zip(rows, weights, strict=True):
         if row is not None:
             coef[row] += w
@@ -188,7 +189,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     def _fused(self, job, keeps, scale, w, normalize: bool, lam: float) -> None:
         """One chunked pass: prune, weight, elect signs (TIES), normalize, write."""
-        slot, device = job.slot, job.slot.base.device
+        slot, device = job.slot, job.slot.device
         sc = torch.tensor(scale, dtype=torch.float32, device=device).view(-1, 1)
         wt = torch.tensor(w, dtype=torch.float32, device=device).view(-1, 1)
         total = sum(w)
@@ -198,9 +199,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
         size = steps(CHUNK, device)
         a_buf, d_buf, t_buf = torch.empty(3, len(w), min(size, slot.numel), device=device)
         a_buf = a_buf if by_magnitude else None
+        into = span_buffer(slot, size)
         for start, stop in chunks(slot.numel, size):
             c = stop - start
-            x = gather(slot, job.rows, start, stop)
+            b, x = gather(slot, job.rows, start, stop, into)
             d = torch.mul(x, sc, out=d_buf[:, :c])
             a = x if a_buf is None else torch.abs(x, out=a_buf[:, :c])
             for i, kp in enumerate(keeps):
@@ -218,7 +220,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
                     mixed /= div_all
             if lam != 1:
                 mixed *= lam
-            _emit(job, start, stop, mixed)
+            _emit(job, start, stop, b, mixed)
 
 
 def _stock_ratio(gram: torch.Tensor) -> torch.Tensor:
@@ -249,13 +251,14 @@ class ModelStock(MergeMethod):
             combine(slot, job.out, 1.0, _coefficients(slot, rows, [t / k] * k))
             return
         cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
-        step = max(1, steps(SCAN, slot.base.device) // cols)
+        step = max(1, steps(SCAN, slot.device) // cols)
         for r0 in range(0, slot.numel // cols, step):
             start, stop = r0 * cols, min(r0 + step, slot.numel // cols) * cols
-            x = gather(slot, rows, start, stop).view(k, -1, cols)
+            b, x = gather(slot, rows, start, stop)
+            x = x.view(k, -1, cols)
             xd = x.double()
             t = _stock_ratio(torch.einsum("irc,jrc->rij", xd, xd)).float()
-            _emit(job, start, stop, (t[:, None] * x.mean(dim=0)).view(-1))
+            _emit(job, start, stop, b, (t[:, None] * x.mean(dim=0)).view(-1))
 
 
 class SCE(MergeMethod):
@@ -267,37 +270,40 @@ class SCE(MergeMethod):
 
     def merge(self, job: TensorJob) -> None:
         slot, rows, k = job.slot, job.rows, len(job.rows)
-        device = slot.base.device
+        device = slot.device
         select = self._select(slot, rows, job.values["select_topk"][0])
+        size = steps(CHUNK, device)
+        into = span_buffer(slot, size)
 
-        def masked(start: int, stop: int) -> torch.Tensor:
-            x = gather(slot, rows, start, stop)
+        def masked(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            b, x = gather(slot, rows, start, stop, into)
             if select is None:
-                return x
-            return x * select[0].mask_(select[1][start:stop].clone(), start)
+                return b, x
+            return b, x * select[0].mask_(select[1][start:stop].clone(), start)
 
         squares = torch.zeros(k, dtype=torch.float64, device=device)
-        size = steps(CHUNK, device)
         for start, stop in chunks(slot.numel, size):
-            squares += masked(start, stop).square().sum(dim=1, dtype=torch.float64)
+            squares += masked(start, stop)[1].square().sum(dim=1, dtype=torch.float64)
         means = squares / slot.numel
         total = float(means.sum())
         weights = torch.full_like(means, 1 / k) if abs(total) < 1e-6 else means / total
         wt = weights.float().view(-1, 1)
         for start, stop in chunks(slot.numel, size):
-            x = masked(start, stop)
+            b, x = masked(start, stop)
             erased = _elect(x, torch.empty_like(x)).mul_(wt)
             merged = (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
-            _emit(job, start, stop, merged)
+            _emit(job, start, stop, b, merged)
 
     @staticmethod
     def _select(slot: TensorSlot, rows, fraction: float):
         """The top-variance selection over sources and the variance itself, or None (all)."""
         if fraction >= 1:
             return None
-        var = torch.empty(slot.numel, dtype=torch.float32, device=slot.base.device)
-        for start, stop in chunks(slot.numel, steps(CHUNK, slot.base.device)):
-            var[start:stop] = gather(slot, rows, start, stop).var(dim=0, unbiased=False)
+        var = torch.empty(slot.numel, dtype=torch.float32, device=slot.device)
+        size = steps(CHUNK, slot.device)
+        into = span_buffer(slot, size)
+        for start, stop in chunks(slot.numel, size):
+            var[start:stop] = gather(slot, rows, start, stop, into)[1].var(dim=0, unbiased=False)
         # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
         # rounds `count * fraction` differently from float64 for many counts.
         k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
