@@ -19,7 +19,7 @@ Each row runs in a fresh process; the first with an empty statistics cache:
   after one trial (build and evaluation); the sum of their anonymous memory against one copy
   of the sources.
 - build: median seconds per method, against two references: `stream`, the same path
-  without the merge (every tensor's float32 base and task vectors formed from the
+  without the merge (every span's float32 base and task vectors formed from the
   placement's weights, the base written into the candidate), and `copy`, the copy reference
   of benchmarks/merge_build (plain float32 copies of the bytes a build reads and writes).
 - `--device cuda`: the same on the GPU (bf16 candidate and builds there, every time taken
@@ -113,14 +113,19 @@ def usage(m: dict[str, int], m0: dict[str, int], n: int) -> dict[str, float]:
 
 
 def streamer(sources, model):
-    """The build's path without its maths: form each tensor's float32 base and task vectors
-    from the placement's weights and write the base into the candidate."""
+    """The build's path without its maths: form every span's float32 base and task vectors
+    from the placement's weights, as a build does, and write the base into the candidate."""
+    from evomerge.merge.kernels import CHUNK, chunks, span_buffer, steps
+
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def run() -> None:
         with torch.no_grad():
             for slot in sources.slots:
-                params[slot.name].view(-1).copy_(slot.base)
+                out, size = params[slot.name].view(-1), steps(CHUNK, slot.device)
+                into = span_buffer(slot, size)
+                for start, stop in chunks(slot.numel, size):
+                    out[start:stop].copy_(slot.span(start, stop, into)[0])
 
     return run
 

@@ -23,7 +23,7 @@ from transformers.initialization import no_init_weights
 
 from evomerge import stats_cache
 from evomerge.layout import SHAPE_KEYS, Layout
-from evomerge.placement import Placement, Weights, open_weights, release_heap, scratch
+from evomerge.placement import Placement, Weights, open_weights, release_heap
 from evomerge.recipe import EMBED, LM_HEAD, NORM, layer_group_names
 from evomerge.tensor_stats import MagnitudeGrid, TensorStats
 
@@ -140,27 +140,25 @@ def _read(file: Path, offset: int, entry: dict) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class TensorSlot:
-    """One tensor as the merge engine sees it: its raw weights, statistics, and the base and
-    task vectors formed from them when asked for.
+    """One tensor as the merge engine sees it: its raw weights and statistics.
 
-    `base` and `tv` form the whole tensor (in `into` when given) on first use; `span` forms
-    a range of elements alone, with the same values, so a method that reads each weight once
-    (a weighted sum, a DARE pass) never writes the task vectors out and reads them back.
-    `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
-    order statistics of each task vector; `cache` what the merge engine derives on first use
-    (tables of a random stream, say), kept in files beside the statistics.
+    Its base and task vectors are formed span by span as a pass reads them (`span`, `piece`),
+    never whole: a weighted sum or a DARE pass reads each weight once and writes only the
+    candidate, and a TIES scan forms one source's span at a time. `gram` holds the float64
+    dot products of (base, tv_1, ..., tv_S); `grid` the magnitude order statistics of each
+    task vector; `cache` what the merge engine derives on first use (tables of a random
+    stream, say), kept in files beside the statistics.
     """
 
     name: str
     shape: torch.Size
     part: str | int
     raw: list[torch.Tensor]  # flat [base, source_1, ...] as the placement holds them
-    store: torch.dtype  # the dtype of the formed base and task vectors
+    store: torch.dtype  # the dtype base and task vectors are rounded to (float32: exact)
     l1: torch.Tensor  # float64 [S]
     gram: torch.Tensor  # float64 [S + 1, S + 1]
     grid: MagnitudeGrid
     cache: stats_cache.Derived = field(repr=False)
-    into: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -170,28 +168,16 @@ class TensorSlot:
     def device(self) -> torch.device:
         return self.raw[0].device
 
-    @cached_property
-    def formed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _form(self.raw, self.store, self.into)
-
-    @property
-    def base(self) -> torch.Tensor:
-        """[numel], dtype `store`."""
-        return self.formed[0]
-
-    @property
-    def tv(self) -> torch.Tensor:
-        """[S, numel], dtype `store`."""
-        return self.formed[1]
+    def piece(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Float32 task vector `row` at elements start..stop."""
+        d = self.raw[row + 1][start:stop].float() - self.raw[0][start:stop].float()
+        return d if self.store == torch.float32 else d.to(self.store).float()
 
     def span(
         self, start: int, stop: int, into: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 base [c] and task vectors [S, c] of elements start..stop: views of the
-        formed tensors, or formed for this span alone (in `into`, dtype `store`)."""
-        if "formed" in self.__dict__:
-            b, tv = self.formed
-            return b[start:stop].float(), tv[:, start:stop].float()
+        """Float32 base [c] and task vectors [S, c] of elements start..stop, formed in `into`
+        (dtype `store`, at least (S + 1) x c elements) when given."""
         b, tv = _form([r[start:stop] for r in self.raw], self.store, into)
         return b.float(), tv.float()
 
@@ -223,14 +209,12 @@ class Slots(Sequence[TensorSlot]):
 
     def __getitem__(self, i: int) -> TensorSlot:  # type: ignore[override]
         entry = self._entries[i]
-        return _slot(entry, next(self._weights.stream([entry.name])), self._store, None)
+        return _slot(entry, next(self._weights.stream([entry.name])), self._store)
 
     def __iter__(self) -> Iterator[TensorSlot]:
-        """Each slot is valid until the next one is reached: they share one buffer."""
-        names = [e.name for e in self._entries]
-        buffered = _buffered(names, self._weights, self._store)
-        for entry, (raw, into) in zip(self._entries, buffered, strict=True):
-            yield _slot(entry, raw, self._store, into)
+        raw = self._weights.stream([e.name for e in self._entries])
+        for entry, tensors in zip(self._entries, raw, strict=True):
+            yield _slot(entry, tensors, self._store)
 
 
 def _base(raw: torch.Tensor, store: torch.dtype) -> torch.Tensor:
@@ -264,25 +248,21 @@ def _form(
 def _buffered(
     names: Sequence[str], weights: Weights, store: torch.dtype
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Each tensor's raw weights in turn, with one buffer to form them in that the next
-    tensor reuses: a fresh float32 temporary per tensor costs the CPU a page fault per 4 KiB
-    it touches (2.4 GB of faults a pass at 147M parameters, most of the time a host build
-    spent outside its maths). The buffer grows to the largest tensor (the embedding, first
-    in group order), the peak a tensor-by-tensor pass has anyway; untouched, it costs
-    nothing."""
+    """Each tensor's raw weights in turn, with one buffer to form them whole in (the
+    statistics pass), which the next tensor reuses: a fresh float32 temporary per tensor
+    costs the CPU a page fault per 4 KiB it touches. The buffer grows to the largest tensor
+    (the embedding, first in group order), the peak a tensor-by-tensor pass has anyway."""
     into = torch.empty(0, dtype=store)
     for raw in weights.stream(names):
         if into.numel() < len(raw) * raw[0].numel():
-            into = scratch(len(raw) * raw[0].numel(), store, raw[0].device)
+            into = raw[0].new_empty(len(raw) * raw[0].numel(), dtype=store)
         yield raw, into
 
 
-def _slot(
-    entry: TensorEntry, raw: list[torch.Tensor], store: torch.dtype, into: torch.Tensor | None
-) -> TensorSlot:
+def _slot(entry: TensorEntry, raw: list[torch.Tensor], store: torch.dtype) -> TensorSlot:
     s = entry.stats
     return TensorSlot(
-        entry.name, entry.shape, entry.part, raw, store, s.l1, s.gram, s.grid, entry.cache, into
+        entry.name, entry.shape, entry.part, raw, store, s.l1, s.gram, s.grid, entry.cache
     )
 
 

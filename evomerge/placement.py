@@ -138,22 +138,6 @@ def release_heap() -> None:
         _TRIM(0)
 
 
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised flat buffer for the per-tensor working set of a pass over the sources.
-
-    On the CPU it is an anonymous mapping advised to use huge pages: its first touch then
-    faults once per 2 MiB instead of once per 4 KiB, which halves the time a task
-    arithmetic build spends outside its maths (docs/benchmarks.md). It is unmapped when the
-    last tensor over it goes. Elsewhere it is an ordinary allocation.
-    """
-    if device.type != "cpu" or numel == 0:
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere, or with THP off, plain pages
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buf, dtype=dtype)
-
-
 def open_weights(
     placement: str, models: Sequence, names: Sequence[str], device: torch.device
 ) -> Weights:

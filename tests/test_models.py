@@ -43,12 +43,14 @@ def test_task_vectors_and_groups(tiny_family, tiny_sources, tiny_states):
     assert set(parts) == set(tiny_states["base"])
     for slot in ss.slots:
         base = tiny_states["base"][slot.name].reshape(-1)
-        assert torch.equal(slot.base, base)
+        b, tv = slot.span(0, slot.numel)
+        assert torch.equal(b, base)
         for i, name in enumerate(NAMES):
-            assert torch.equal(slot.tv[i], tiny_states[name][slot.name].reshape(-1) - base)
-        rows = torch.cat([slot.base[None], slot.tv]).double()
+            assert torch.equal(tv[i], tiny_states[name][slot.name].reshape(-1) - base)
+            assert torch.equal(slot.piece(i, 3, slot.numel), tv[i, 3:])
+        rows = torch.cat([b[None], tv]).double()
         torch.testing.assert_close(slot.gram, rows @ rows.T)
-        torch.testing.assert_close(slot.l1, slot.tv.double().abs().sum(dim=1))
+        torch.testing.assert_close(slot.l1, tv.double().abs().sum(dim=1))
 
 
 def test_group_order_is_embed_layers_norm_head(tiny_sources):
@@ -79,9 +81,10 @@ def test_bfloat16_sharded_task_vectors_are_exact(tiny_llama_bf16_sharded):
     ss = SourceSet.load(fam.base, fam.sources, names=NAMES[:2], base_name="base")
     src = load_state(fam.sources[1])
     for slot in ss.slots:
-        assert slot.tv.dtype == torch.float32
-        rebuilt = (slot.base + slot.tv[1]).to(torch.bfloat16)
+        b, tv = slot.span(0, slot.numel)
+        rebuilt = (b + tv[1]).to(torch.bfloat16)
         assert torch.equal(rebuilt, src[slot.name].reshape(-1))
+        assert torch.equal(slot.piece(1, 0, slot.numel), tv[1])
 
 
 def test_layouts_are_found_from_the_model():

@@ -3,13 +3,15 @@ back from the on-disk cache, and the host placement holds no private copy of the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import pytest
 import torch
 
 from evomerge.merge import METHODS, build, resolve
-from evomerge.models import SourceSet
+from evomerge.models import SourceSet, TensorSlot, _form
 from evomerge.placement import Placement
 from evomerge.recipe import Recipe
 from tests.fixtures_models import NAMES, make_family
@@ -23,15 +25,31 @@ DEVICES = [
 ]
 
 
+@dataclass(frozen=True, eq=False)
+class WholeSlot(TensorSlot):
+    """A slot whose base and task vectors are formed whole up front, as builds did before
+    spans: every span and piece a method reads is a view of them."""
+
+    @cached_property
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _form(self.raw, self.store)
+
+    def piece(self, row: int, start: int, stop: int) -> torch.Tensor:
+        return self.whole[1][row, start:stop].float()
+
+    def span(self, start: int, stop: int, into=None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, tv = self.whole
+        return b[start:stop].float(), tv[:, start:stop].float()
+
+
 def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:
     """The build as it was before placements: every tensor's float32 base and task vectors
     formed whole and resident at once, merged tensor by tensor."""
     model = sources.new_model(recipe.dtype)
     plan = resolve(recipe, sources)
     params = dict(model.named_parameters(remove_duplicate=False))
-    resident = [sources.slots[i] for i in range(len(sources.slots))]  # each its own memory
-    for slot in resident:
-        assert slot.formed  # so every method reads them, never a span formed alone
+    slots = [sources.slots[i] for i in range(len(sources.slots))]
+    resident = [WholeSlot(*(getattr(s, f.name) for f in fields(TensorSlot))) for s in slots]
     with torch.no_grad():
         for slot in resident:
             plan.method.merge(plan.job(slot, params[slot.name].detach().view(-1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,12 +120,27 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def _scan(x: torch.Tensor, lo: float, hi: float, want_l1: bool):
+@dataclass(frozen=True)
+class Pieces:
+    """A flat float32 tensor of `n` elements on `device`, read piece by piece: `at(start,
+    stop)`. A task vector row is formed span by span this way, never whole."""
+
+    at: Callable[[int, int], torch.Tensor]
+    n: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Pieces:
+        """A tensor at hand."""
+        return cls(lambda start, stop: x[start:stop].float(), x.numel(), x.device)
+
+
+def _scan(x: Pieces, lo: float, hi: float, want_l1: bool):
     """Values and positions of lo <= |x| <= hi; the L1 norm of |x| > hi if wanted."""
     l1 = torch.zeros((), dtype=torch.float64, device=x.device)
     vals, pos = [], []
-    for start, stop in chunks(x.numel(), steps(SCAN, x.device)):
-        a = x[start:stop].float().abs()
+    for start, stop in chunks(x.n, steps(SCAN, x.device)):
+        a = x.at(start, stop).abs()
         if want_l1:
             l1 += (a * (a > hi).view(torch.uint8)).sum(dtype=torch.float64)
         p = _positions((a >= lo) & (a <= hi))
@@ -133,16 +149,16 @@ def _scan(x: torch.Tensor, lo: float, hi: float, want_l1: bool):
     return torch.cat(vals), torch.cat(pos), float(l1)
 
 
-def top_k(x: torch.Tensor, k: int, grid: MagnitudeGrid, row: int, want_l1: bool) -> Selection:
+def top_k(x: Pieces, k: int, grid: MagnitudeGrid, row: int, want_l1: bool) -> Selection:
     """The k largest-magnitude elements of x = tv[row]; `grid` holds its order statistics.
 
     The grid gives the neighbouring grid values lo <= threshold <= hi and the exact count
     above hi; one scan collects the elements in [lo, hi] (about n / GRID of them) and
     kthvalue among those gives the exact threshold.
     """
-    n = x.numel()
-    if k >= n:
-        return keep_all(float(x.float().abs().sum(dtype=torch.float64)) if want_l1 else 0.0)
+    n = x.n
+    if k >= n:  # the whole row's sum, summed as it always was
+        return keep_all(float(x.at(0, n).abs().sum(dtype=torch.float64)) if want_l1 else 0.0)
     if k <= 0:
         return keep_none()
     j_lo = int((grid.atleast[row] >= k).sum()) - 1  # last grid value with >= k at or above

@@ -16,6 +16,7 @@ from evomerge.merge import sparsify
 from evomerge.merge.kernels import (
     CHUNK,
     SCAN,
+    Pieces,
     chunks,
     combine,
     gather,
@@ -307,7 +308,7 @@ class SCE(MergeMethod):
         # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
         # rounds `count * fraction` differently from float64 for many counts.
         k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
-        sel = top_k(var, k, MagnitudeGrid.of(var[None]), 0, False)
+        sel = top_k(Pieces.of(var), k, MagnitudeGrid.of(var[None]), 0, False)
         return sel, var
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from evomerge.merge.kernels import (
     SCAN,
+    Pieces,
     Selection,
     bernoulli,
     chunks,
@@ -88,9 +90,14 @@ class StoredKeep(Keep):
         return self.stored[start : start + a.numel()].view(torch.uint8)
 
 
+def task_vector(slot: TensorSlot, row: int) -> Pieces:
+    """Task vector `row` of `slot`, formed span by span as a scan reads it."""
+    return Pieces(partial(slot.piece, row), slot.numel, slot.device)
+
+
 def magnitude(slot: TensorSlot, row: int, density: float, want_l1: bool) -> Keep:
     k = max(1, int(density * slot.numel))
-    return MagnitudeKeep(top_k(slot.tv[row], k, slot.grid, row, want_l1))
+    return MagnitudeKeep(top_k(task_vector(slot, row), k, slot.grid, row, want_l1))
 
 
 def band(slot: TensorSlot, row: int, density: float, gamma: float, want_l1: bool) -> Keep:
@@ -99,7 +106,7 @@ def band(slot: TensorSlot, row: int, density: float, gamma: float, want_l1: bool
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    x = slot.tv[row]
+    x = task_vector(slot, row)
     return BandKeep(
         top_k(x, n - n_bot, slot.grid, row, want_l1),
         top_k(x, n - n_bot - target, slot.grid, row, want_l1),
@@ -129,11 +136,12 @@ def l1_by_draw(slot: TensorSlot, row: int, key: tuple[int, int]) -> torch.Tensor
     cached = slot.cache.get(("l1_by_draw", row))
     if cached is not None and cached[0] == key:
         return cached[1]
-    x = slot.tv[row]
-    table = torch.zeros(1 << 16, dtype=torch.float64, device=x.device)
-    for start, stop in chunks(slot.numel, steps(SCAN, x.device)):
-        draws = uniform16(key, start, stop, x.device).int().add_(1 << 15)
-        table += torch.bincount(draws, x[start:stop].double().abs(), minlength=1 << 16)
+    device = slot.device
+    table = torch.zeros(1 << 16, dtype=torch.float64, device=device)
+    for start, stop in chunks(slot.numel, steps(SCAN, device)):
+        draws = uniform16(key, start, stop, device).int().add_(1 << 15)
+        x = slot.piece(row, start, stop)
+        table += torch.bincount(draws, x.double().abs(), minlength=1 << 16)
     slot.cache[("l1_by_draw", row)] = (key, table.float())
     return slot.cache[("l1_by_draw", row)][1]
 
@@ -149,22 +157,22 @@ def random(slot: TensorSlot, row: int, density: float, key: tuple[int, int], wan
 def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple[int, int]) -> Keep:
     """DELLA's MagPrune: keep probability rises linearly with magnitude rank in each row,
     from density - epsilon (smallest) to density + epsilon (largest)."""
-    x = slot.tv[row]
+    device = slot.device
     cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
     rows = slot.numel // cols
-    step = max(1, steps(SCAN, x.device) // cols)
-    stored = torch.empty(slot.numel, dtype=torch.bool, device=x.device)
-    kept = torch.zeros((), dtype=torch.float64, device=x.device)
-    ranks_of = torch.arange(cols, device=x.device).expand(step, cols)
+    step = max(1, steps(SCAN, device) // cols)
+    stored = torch.empty(slot.numel, dtype=torch.bool, device=device)
+    kept = torch.zeros((), dtype=torch.float64, device=device)
+    ranks_of = torch.arange(cols, device=device).expand(step, cols)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         start, stop = r0 * cols, r1 * cols
-        a = x[start:stop].float().abs().view(r1 - r0, cols)
+        a = slot.piece(row, start, stop).abs().view(r1 - r0, cols)
         order = a.argsort(dim=1)
         rank = torch.empty_like(order).scatter_(1, order, ranks_of[: r1 - r0])
         rank_norm = (rank.float() / max(cols - 1, 1)).clamp_(0, 1)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
-        u = uniform16(key, start, stop, x.device).view(r1 - r0, cols).float()
+        u = uniform16(key, start, stop, device).view(r1 - r0, cols).float()
         m = u < probs.mul_(65536).sub_(32768)  # u uniform in -32768..32767
         stored[start:stop] = m.view(-1)
         kept += (a * m.view(torch.uint8)).sum(dtype=torch.float64)
