@@ -132,7 +132,11 @@ def plan_worker(
         for n in numels
     )  # L1 norms, Gram matrix, magnitude grid, DARE's L1-by-draw table
     largest = max(numels)
-    formed = 4 * (s + 1) * largest + 3 * 4 * s * CHUNK * (GPU_STEPS if gpu else 1)
+    # A build forms task vectors span by span: float32 span buffers (base and sources), the
+    # fused pass's three per source and a scan's pieces, a step (SCAN = 2 steps) each; and
+    # for the largest tensor DELLA's mask and SCE's variance (1 + 4 bytes an element).
+    step = CHUNK * (GPU_STEPS if gpu else 1)
+    formed = 4 * step * ((s + 1) + 3 * s + 2 * 4) + 5 * largest
     staged = 2 * (s + 1) * largest * merged[0].locate(next(iter(shapes)))[3].itemsize
     # A CPU worker uses the statistics mapped from the cache (page cache, one copy a node); a
     # GPU worker copies them to its device.
