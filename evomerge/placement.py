@@ -4,7 +4,7 @@
 stays 2 bytes a parameter). `host`: nothing private at all; the safetensors files are
 mapped read-only, so their pages live once in the node's page cache, shared by every
 worker of the node, and a build streams them to the device tensor by tensor. Either way a
-build forms each tensor's float32 task vectors only while it merges that tensor.
+build forms the float32 task vectors span by span as it reads them, never a whole tensor's.
 """
 
 from __future__ import annotations
