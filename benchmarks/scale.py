@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -75,7 +76,8 @@ def write_checkpoints(root: Path, shape: dict) -> Path:
         build_tokenizer().save_pretrained(folder)
         shards: list[dict[str, torch.Tensor]] = [{}]
         for k, s in shapes.items():
-            base = torch.randn(s, generator=torch.Generator().manual_seed(hash(k) % 2**31)) * 0.02
+            seed = zlib.crc32(k.encode())  # not hash(): that differs from process to process
+            base = torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.02
             base = torch.ones(s) if k.endswith("norm.weight") else base
             noise = torch.randn(s, generator=torch.Generator().manual_seed(i)) * 0.002 * (i > 0)
             if sum(t.nbytes for t in shards[-1].values()) > SHARD:
