@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.merge_build import SHAPES, SOURCES, checkpoints, copier, recipe
+from benchmarks.scale import seconds
 from evomerge.config import StudyConfig
 from evomerge.coordinator import Coordinator
 from evomerge.models import SourceSet
@@ -43,14 +44,6 @@ fitness: {{tasks: [zoo:add, zoo:reverse, zoo:translate], limit: 64, heldout_limi
 budget: {{trials: {trials}, heldout_top_k: 2}}
 workers: {{count: 1, gpus_per_worker: 1}}
 """
-
-
-def cuda_seconds(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def build_part(root: Path, reps: int) -> list[str]:
@@ -79,7 +72,7 @@ def build_part(root: Path, reps: int) -> list[str]:
         r = recipe(m, groups, "base").model_copy(update={"dtype": "bfloat16"})
         build(r, sources, model)  # warm-up (DARE's per-seed table is built here)
         pairs = [
-            (cuda_seconds(copy), cuda_seconds(lambda r=r: build(r, sources, model)))
+            (seconds(copy, "cuda"), seconds(lambda r=r: build(r, sources, model), "cuda"))
             for _ in range(reps)
         ]
         c = statistics.median(p[0] for p in pairs)

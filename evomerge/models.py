@@ -174,11 +174,17 @@ class TensorSlot:
         return d if self.store == torch.float32 else d.to(self.store).float()
 
     def span(
-        self, start: int, stop: int, into: torch.Tensor | None = None
+        self,
+        start: int,
+        stop: int,
+        into: torch.Tensor | None = None,
+        rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 base [c] and task vectors [S, c] of elements start..stop, formed in `into`
-        (dtype `store`, at least (S + 1) x c elements) when given."""
-        b, tv = _form([r[start:stop] for r in self.raw], self.store, into)
+        """Float32 base [c] and the task vectors of `rows` (default: every source)
+        [len(rows), c] of elements start..stop, formed in `into` (dtype `store`, at least
+        (len(rows) + 1) x c elements) when given; only those rows are formed."""
+        picked = self.raw[1:] if rows is None else [self.raw[r + 1] for r in rows]
+        b, tv = _form([r[start:stop] for r in (self.raw[0], *picked)], self.store, into)
         return b.float(), tv.float()
 
 

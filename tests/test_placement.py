@@ -37,8 +37,9 @@ class WholeSlot(TensorSlot):
     def piece(self, row: int, start: int, stop: int) -> torch.Tensor:
         return self.whole[1][row, start:stop].float()
 
-    def span(self, start: int, stop: int, into=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def span(self, start: int, stop: int, into=None, rows=None) -> tuple[torch.Tensor, ...]:
         b, tv = self.whole
+        tv = tv if rows is None else tv[list(rows)]
         return b[start:stop].float(), tv[:, start:stop].float()
 
 

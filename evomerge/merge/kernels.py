@@ -32,15 +32,6 @@ def chunks(n: int, size: int = CHUNK):
         yield start, min(start + size, n)
 
 
-def gather(
-    slot: TensorSlot, rows: tuple[int, ...], start: int, stop: int, into: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 base [stop - start] and task vectors of `rows` [len(rows), stop - start]."""
-    b, tv = slot.span(start, stop, into)
-    every = rows == tuple(range(tv.shape[0]))
-    return b, (tv if every else tv[list(rows)])
-
-
 def span_buffer(slot: TensorSlot, size: int) -> torch.Tensor:
     """A buffer for `slot.span` of up to `size` elements, reused by every span of a pass."""
     return torch.empty(len(slot.raw) * min(size, slot.numel), dtype=slot.store, device=slot.device)

@@ -19,7 +19,6 @@ from evomerge.merge.kernels import (
     Pieces,
     chunks,
     combine,
-    gather,
     keep_none,
     rng_key,
     span_buffer,
@@ -203,7 +202,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         into = span_buffer(slot, size)
         for start, stop in chunks(slot.numel, size):
             c = stop - start
-            b, x = gather(slot, job.rows, start, stop, into)
+            b, x = slot.span(start, stop, into, job.rows)
             d = torch.mul(x, sc, out=d_buf[:, :c])
             a = x if a_buf is None else torch.abs(x, out=a_buf[:, :c])
             for i, kp in enumerate(keeps):
@@ -253,9 +252,10 @@ class ModelStock(MergeMethod):
             return
         cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
         step = max(1, steps(SCAN, slot.device) // cols)
+        into = span_buffer(slot, step * cols)
         for r0 in range(0, slot.numel // cols, step):
             start, stop = r0 * cols, min(r0 + step, slot.numel // cols) * cols
-            b, x = gather(slot, rows, start, stop)
+            b, x = slot.span(start, stop, into, rows)
             x = x.view(k, -1, cols)
             xd = x.double()
             t = _stock_ratio(torch.einsum("irc,jrc->rij", xd, xd)).float()
@@ -277,7 +277,7 @@ class SCE(MergeMethod):
         into = span_buffer(slot, size)
 
         def masked(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            b, x = gather(slot, rows, start, stop, into)
+            b, x = slot.span(start, stop, into, rows)
             if select is None:
                 return b, x
             return b, x * select[0].mask_(select[1][start:stop].clone(), start)
@@ -304,7 +304,7 @@ class SCE(MergeMethod):
         size = steps(CHUNK, slot.device)
         into = span_buffer(slot, size)
         for start, stop in chunks(slot.numel, size):
-            var[start:stop] = gather(slot, rows, start, stop, into)[1].var(dim=0, unbiased=False)
+            var[start:stop] = slot.span(start, stop, into, rows)[1].var(dim=0, unbiased=False)
         # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
         # rounds `count * fraction` differently from float64 for many counts.
         k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
