@@ -334,11 +334,11 @@ class SourceSet:
         weights = open_weights(placement, models, tensors, device)
         files = [sorted(set(ck.files.values())) for ck in models]
         key = stats_cache.content_key(files, store, device)
-        stats = stats_cache.load(key, tensors, device)
+        stats = stats_cache.load(key, tensors)
         if stats is None:  # then use the saved file, as the next worker will: mapped, shared
             stats_cache.save(key, _statistics(tensors, weights, (base_name, *names), store))
             release_heap()  # the statistics pass's float32 temporaries
-            stats = stats_cache.load(key, tensors, device)
+            stats = stats_cache.load(key, tensors)
         shapes = base_ckpt.shapes()
         entries = tuple(
             TensorEntry(

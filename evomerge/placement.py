@@ -76,8 +76,13 @@ class HostWeights(Weights):
         yield from self._cuda_stream(names)
 
     def _cuda_stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
-        """Copy tensor i + 1 on a side stream while the caller merges tensor i: each source
-        is staged in pinned memory (torch's caching host allocator reuses the buffers)."""
+        """Copy tensor i + 1 on a side stream while the device merges tensor i: each source
+        is staged in pinned memory (torch's caching host allocator reuses the buffers).
+
+        A build never waits for the device, so the host would run ahead, staging tensor
+        after tensor into new memory; before staging i + 1 it waits until the merge of
+        i - 1 is done, which keeps two tensors on the device and the device busy.
+        """
         side = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device)
 
@@ -91,14 +96,19 @@ class HostWeights(Weights):
             return moved, done
 
         pending = start(names[0]) if names else None
+        merged = None
         for i in range(len(names)):
             moved, done = pending
-            if i + 1 < len(names):
-                pending = start(names[i + 1])
             main.wait_event(done)
             for t in moved:
                 t.record_stream(main)
             yield moved
+            previous, merged = merged, torch.cuda.Event()
+            merged.record(main)
+            if previous is not None:
+                previous.synchronize()
+            if i + 1 < len(names):
+                pending = start(names[i + 1])
 
 
 def _view(buf: mmap.mmap, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:

@@ -62,15 +62,17 @@ def _spans(header: bytes) -> list[tuple[int, int]]:
     return sorted(tuple(e["data_offsets"]) for e in table.values())
 
 
-def load(key: str, names: Sequence[str], device: torch.device) -> dict[str, TensorStats] | None:
+def load(key: str, names: Sequence[str]) -> dict[str, TensorStats] | None:
     """The cached statistics of tensors `names`, or None when there are none for `key`.
 
-    On the CPU they stay mapped from the file: page cache, shared by the workers of a node.
+    They stay on the host, whatever the workers' device, mapped from the file: page cache,
+    shared by the workers of a node. What a build decides from them (coefficients, top-k
+    brackets) it decides on the host, without waiting for the device.
     """
     path = cache_dir() / f"{key}.safetensors"
     if not path.is_file():
         return None
-    flat = load_file(path, device=str(device))
+    flat = load_file(path)
     try:
         return {
             n: TensorStats.from_tensors({f: flat[f"{n}/{f}"] for f in TensorStats.FIELDS})

@@ -11,7 +11,7 @@ from mergekit import merge_methods as mk
 from mergekit.merge_methods import PerGroupValues, merge_state_dicts
 from mergekit.merge_methods.base import MISSING, ParameterScope
 
-from evomerge.merge import METHODS, build, get_method, method_params, resolve, sparsify
+from evomerge.merge import METHODS, build, get_method, kernels, method_params, resolve, sparsify
 from evomerge.merge.kernels import (
     Pieces,
     bernoulli,
@@ -370,9 +370,14 @@ def test_random_draws_are_a_keyed_hash_of_the_index():
     assert not bool(bernoulli(key, 0, 0.0, torch.empty(n, dtype=torch.bool)).any())
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed-shapes"])
 @pytest.mark.parametrize("kind", ["normal", "quantized", "half_zero"])
-def test_top_k_is_exact(kind):
-    """Exactly k kept, the k largest magnitudes, ties broken by position; exact L1."""
+def test_top_k_is_exact(kind, fixed, monkeypatch):
+    """Exactly k kept, the k largest magnitudes, ties broken by position; exact L1. Also
+    the way a GPU selects: shapes the host knows, thresholds left on the device."""
+    if fixed:
+        monkeypatch.setattr(kernels, "DYNAMIC_SHAPES", frozenset())
+    monkeypatch.setattr(kernels, "SCAN", 1 << 12)  # scans of many steps: ties across them
     gen = torch.Generator().manual_seed(1)
     for n in (1, 7, 1000, 50_000):
         x = torch.randn(n, generator=gen)
@@ -389,7 +394,8 @@ def test_top_k_is_exact(kind):
             expected = torch.zeros(n, dtype=torch.bool)
             expected[order[:k]] = True
             assert torch.equal(kept, expected)
-            assert sel.kept_l1 == pytest.approx(float(x.abs()[expected].double().sum()), abs=1e-9)
+            l1 = float(x.abs()[expected].double().sum())
+            assert float(sel.kept_l1) == pytest.approx(l1, abs=1e-9)
 
 
 # --- the registry ----------------------------------------------------------------------

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from evomerge.merge import METHODS, build, resolve
+from evomerge import stats_cache, tensor_stats
+from evomerge.merge import METHODS, build, kernels, resolve
 from evomerge.models import SourceSet, TensorSlot, _form
 from evomerge.placement import Placement
 from evomerge.recipe import Recipe
@@ -75,16 +77,101 @@ def _load(base, sources, placement, names=NAMES, base_name="base", device="cpu")
     )
 
 
+def fix_shapes(monkeypatch) -> None:
+    """Run the kernels as they run on a GPU: shapes the host knows, numbers left on the device."""
+    monkeypatch.setattr(kernels, "DYNAMIC_SHAPES", frozenset())
+
+
+def coarse_grid(monkeypatch) -> None:
+    """Magnitude grids of 8 points (a new statistics cache key): the tiny models' top-k
+    thresholds then fall between grid values too, not only on them."""
+    monkeypatch.setattr(tensor_stats, "GRID", 8)
+    monkeypatch.setattr(stats_cache, "GRID", 8)
+
+
+@pytest.mark.parametrize("shapes", ["dynamic", "fixed"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_placement_builds_the_same_bits(method, placement, device, tiny_family):
+def test_every_placement_builds_the_same_bits(
+    method, placement, device, shapes, tiny_family, monkeypatch
+):
+    coarse_grid(monkeypatch)
     reference = _load(tiny_family.base, tiny_family.sources, Placement.DEVICE, device=device)
     placed = _load(tiny_family.base, tiny_family.sources, placement, device=device)
     recipe = recipe_for(method, reference, fixed={"density": 0.6}, seed=3)
     expected = resident_build(recipe, reference)
+    if shapes == "fixed":
+        fix_shapes(monkeypatch)
     assert_bits(placed_build(recipe, placed), expected)
     assert_bits(placed_build(recipe, placed), expected)  # again, after the first build's caches
+
+
+# What reads a number or a data-dependent shape back from a tensor: on a GPU, each waits for
+# every kernel queued before it.
+_WAITS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy"}
+_DYNAMIC = {"nonzero", "argwhere", "masked_select", "unique", "bincount", "repeat_interleave"}
+
+
+class HostWaits(TorchFunctionMode):
+    """Records every torch call that would make the host wait for a GPU: a number read back
+    from a tensor, an output whose size depends on the data, boolean indexing."""
+
+    def __init__(self, host: set[int]) -> None:
+        super().__init__()
+        self.host, self.seen = host, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        tensor = args[0] if args and torch.is_tensor(args[0]) else None
+        on_host = tensor is not None and tensor.untyped_storage().data_ptr() in self.host
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+        if (name in _WAITS and not on_host) or name in _DYNAMIC:
+            self.seen.append(name)
+        elif torch.is_tensor(index) and index.dtype == torch.bool:
+            self.seen.append(f"{name}[bool]")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_selection_and_weights_never_wait_for_the_device(placement, tiny_family, monkeypatch):
+    """The TIES/DARE paths, as a GPU runs them, read no number back from the device: a
+    candidate's build is queued whole. The statistics (host memory) are what the host reads."""
+    fix_shapes(monkeypatch)
+    coarse_grid(monkeypatch)
+    monkeypatch.setattr(kernels, "SCAN", 1 << 10)  # many steps per tensor
+    monkeypatch.setattr(kernels, "CHUNK", 1 << 10)
+    sources = _load(tiny_family.base, tiny_family.sources, placement)
+    host = {
+        t.untyped_storage().data_ptr()
+        for slot in sources.slots
+        for t in (slot.l1, slot.gram, slot.grid.values, slot.grid.above, slot.grid.atleast)
+    }
+    cases = [(m, {}) for m in ("ties", "dare_ties", "dare_linear", "della", "task_arithmetic")]
+    cases += [("ties", {"rescale": True}), ("breadcrumbs_ties", {"rescale": True})]
+    for method, options in cases:
+        recipe = recipe_for(method, sources, fixed={"density": 0.6}, seed=3, options=options)
+        placed_build(recipe, sources)  # the first build of a seed writes its DARE tables
+        with HostWaits(host) as waits:
+            placed_build(recipe, sources)
+        assert waits.seen == [], f"{method} {options} waits: {set(waits.seen)}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_gpu_build_never_synchronizes(placement, tiny_family):
+    """On a GPU: torch itself refuses any synchronizing call during a TIES/DARE build."""
+    sources = _load(tiny_family.base, tiny_family.sources, placement, device="cuda")
+    for method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        recipe = recipe_for(method, sources, fixed={"density": 0.6}, seed=3)
+        model = sources.new_model(recipe.dtype)
+        build(recipe, sources, model)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            build(recipe, sources, model)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("device", DEVICES)

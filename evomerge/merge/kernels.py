@@ -71,27 +71,48 @@ def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float
             out[start:stop].copy_(dst)
 
 
+# Device types on which an op whose output size depends on the data (nonzero, boolean
+# indexing) or a number read back from a tensor costs nothing. On a GPU each one is a host
+# round trip: the host waits for every kernel queued before it, per tensor and source.
+DYNAMIC_SHAPES = frozenset({"cpu"})
+
+
+def fixed_shapes(device: torch.device) -> bool:
+    """Must kernels on `device` keep every shape known to the host and leave numbers on it?"""
+    return device.type not in DYNAMIC_SHAPES
+
+
+Scalar = float | torch.Tensor  # a Python number, or a 0-dim tensor left on the device
+
+
 @dataclass(frozen=True)
 class Selection:
     """An exact top-k set by magnitude: |x| > thr, and |x| == thr at flat index < cut.
 
     Ties at the threshold are broken by position, so exactly k elements are kept.
-    `kept_l1` is the L1 norm of the kept elements (for rescaling).
+    `kept_l1` is the L1 norm of the kept elements (for rescaling). Where shapes are fixed
+    (`fixed_shapes`), `thr`, `cut` and `kept_l1` may be 0-dim tensors on the device.
     """
 
-    thr: float
-    cut: int
-    kept_l1: float
+    thr: Scalar
+    cut: int | torch.Tensor
+    kept_l1: Scalar
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
         """Overwrite the magnitudes `a` of x[start : start + len(a)] with the keep mask (1/0)."""
-        split = min(max(self.cut - start, 0), a.numel())
-        a[:split].ge_(self.thr)
-        a[split:].gt_(self.thr)
-        return a
+        if isinstance(self.cut, int):
+            split = min(max(self.cut - start, 0), a.numel())
+            a[:split].ge_(self.thr)
+            a[split:].gt_(self.thr)
+            return a
+        # The cut is on the device: |x| >= thr before it, |x| >= the next float after it.
+        thr = self.thr if torch.is_tensor(self.thr) else a.new_full((), self.thr)
+        after = torch.nextafter(thr, torch.full_like(thr, math.inf))
+        at = torch.arange(start, start + a.numel(), device=a.device)
+        return a.ge_(torch.where(at < self.cut, thr, after))
 
 
-def keep_all(l1: float) -> Selection:
+def keep_all(l1: Scalar) -> Selection:
     return Selection(-math.inf, 0, l1)
 
 
@@ -99,8 +120,14 @@ def keep_none() -> Selection:
     return Selection(math.inf, 0, 0.0)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the True entries of a sparse bool mask, eight bytes at a time."""
+def _positions(mask: torch.Tensor, cap: int) -> torch.Tensor:
+    """Positions of the True entries of a 1-D mask, of which there are at most `cap`.
+
+    Where shapes are fixed: exactly `cap` of them, padded with -1 (a shape the host knows
+    without asking the device). Elsewhere only the True ones, found eight bytes at a time.
+    """
+    if fixed_shapes(mask.device):
+        return torch.nonzero_static(mask, size=cap, fill_value=-1).squeeze(1)
     n8 = mask.numel() // 8 * 8
     words = mask[:n8].view(torch.uint8).view(torch.int64)
     hit = words.nonzero().squeeze(1)
@@ -125,47 +152,92 @@ class Pieces:
         """A tensor at hand."""
         return cls(lambda start, stop: x[start:stop].float(), x.numel(), x.device)
 
+    def magnitudes(self):
+        """(start, |x[start:stop]|) step by step."""
+        for start, stop in chunks(self.n, steps(SCAN, self.device)):
+            yield start, self.at(start, stop).abs()
 
-def _scan(x: Pieces, lo: float, hi: float, want_l1: bool):
-    """Values and positions of lo <= |x| <= hi; the L1 norm of |x| > hi if wanted."""
+
+def _l1(a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return (a * keep.view(torch.uint8)).sum(dtype=torch.float64)
+
+
+def _between(x: Pieces, lo: float, hi: float, count: int, want_l1: bool):
+    """Values and positions of the `count` elements with lo < |x| < hi (padding: value -1,
+    position n), and the L1 norm of |x| >= hi if wanted."""
     l1 = torch.zeros((), dtype=torch.float64, device=x.device)
     vals, pos = [], []
-    for start, stop in chunks(x.n, steps(SCAN, x.device)):
-        a = x.at(start, stop).abs()
+    for start, a in x.magnitudes():
         if want_l1:
-            l1 += (a * (a > hi).view(torch.uint8)).sum(dtype=torch.float64)
-        p = _positions((a >= lo) & (a <= hi))
-        vals.append(a[p])
-        pos.append(p + start)
-    return torch.cat(vals), torch.cat(pos), float(l1)
+            l1 += _l1(a, a >= hi)
+        p = _positions((a > lo) & (a < hi), min(count, a.numel()))
+        vals.append(torch.where(p >= 0, a[p.clamp(min=0)], -1.0))
+        pos.append(torch.where(p >= 0, p + start, x.n))
+    return torch.cat(vals), torch.cat(pos), l1
+
+
+def _at(x: Pieces, thr: float, need: int, equal: int, want_l1: bool) -> Selection:
+    """The top k when the threshold `thr` is a grid value: all of |x| > thr and the first
+    `need` of the `equal` elements with |x| == thr. A scan only finds where those end (and
+    the kept L1): none when every equal element is kept and no L1 is wanted."""
+    if need == equal and not want_l1:
+        return Selection(thr, x.n, 0.0)
+    cut = torch.full((), x.n, dtype=torch.int64, device=x.device)
+    seen = torch.zeros((), dtype=torch.int64, device=x.device)
+    l1 = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start, a in x.magnitudes():
+        if want_l1:
+            l1 += _l1(a, a > thr)
+        if need < equal:  # the need-th equal element: where the running count reaches need
+            eq = a == thr
+            count = eq.cumsum(0).add_(seen)
+            last = torch.searchsorted(count, need)  # first place the count reaches need
+            inside = last < a.numel()
+            cut = torch.where(inside & (seen < need), last + start + 1, cut)
+            seen = count[-1]
+    return _selection(x, thr, x.n if need == equal else cut, l1 + thr * need, want_l1)
+
+
+def _selection(x: Pieces, thr: Scalar, cut, kept: torch.Tensor, want_l1: bool) -> Selection:
+    """Where shapes are fixed, what the data decided stays on the device; elsewhere it is
+    read back (free there), for the cheaper mask of a known cut."""
+    if fixed_shapes(x.device):
+        return Selection(thr, cut, kept if want_l1 else 0.0)
+    return Selection(float(thr), int(cut), float(kept) if want_l1 else 0.0)
 
 
 def top_k(x: Pieces, k: int, grid: MagnitudeGrid, row: int, want_l1: bool) -> Selection:
-    """The k largest-magnitude elements of x = tv[row]; `grid` holds its order statistics.
+    """The k largest-magnitude elements of x = tv[row]; `grid` (on the host) holds its order
+    statistics.
 
-    The grid gives the neighbouring grid values lo <= threshold <= hi and the exact count
-    above hi; one scan collects the elements in [lo, hi] (about n / GRID of them) and
-    kthvalue among those gives the exact threshold.
+    The grid gives the neighbouring grid values lo <= threshold <= hi and the exact counts
+    at and above each. A threshold at a grid value needs no search; one strictly between
+    them is the kthvalue of the elements in between (about n / GRID of them, gathered in one
+    scan). Nothing here waits for the device: what the host decides, it decides from the
+    grid, and what depends on the data stays a tensor.
     """
     n = x.n
     if k >= n:  # the whole row's sum, summed as it always was
-        return keep_all(float(x.at(0, n).abs().sum(dtype=torch.float64)) if want_l1 else 0.0)
+        return keep_all(x.at(0, n).abs().sum(dtype=torch.float64) if want_l1 else 0.0)
     if k <= 0:
         return keep_none()
-    j_lo = int((grid.atleast[row] >= k).sum()) - 1  # last grid value with >= k at or above
-    j_hi = int((grid.above[row] >= k).sum())  # first grid value with < k above
-    lo, hi = float(grid.values[row, j_lo]), float(grid.values[row, j_hi])
-    count = int(grid.above[row, j_hi])
-    vals, pos, above_l1 = _scan(x, lo, hi, want_l1)
-    rank = k - count  # 1-based, descending, within the bracket
-    thr_t = torch.kthvalue(vals, vals.numel() - rank + 1).values
-    bigger = vals > thr_t
-    need = rank - int(bigger.sum())
-    equal = pos[vals == thr_t]
-    cut = n if need == equal.numel() else int(equal.sort().values[need - 1]) + 1
-    thr = float(thr_t)
-    kept = above_l1 + float(vals[bigger].sum(dtype=torch.float64)) + thr * need if want_l1 else 0.0
-    return Selection(thr, cut, kept)
+    values, above, atleast = (t[row].numpy() for t in (grid.values, grid.above, grid.atleast))
+    j_lo = int((atleast >= k).sum()) - 1  # last grid value with >= k at or above
+    j_hi = int((above >= k).sum())  # first grid value with < k above
+    lo, hi = float(values[j_lo]), float(values[j_hi])
+    if atleast[j_hi] >= k:
+        return _at(x, hi, k - int(above[j_hi]), int(atleast[j_hi] - above[j_hi]), want_l1)
+    if above[j_lo] < k:
+        return _at(x, lo, k - int(above[j_lo]), int(atleast[j_lo] - above[j_lo]), want_l1)
+    count = int(above[j_lo] - atleast[j_hi])  # lo < |x| < hi: at most about n / GRID
+    vals, pos, l1 = _between(x, lo, hi, count, want_l1)
+    rank = k - int(atleast[j_hi])  # 1-based, descending, among those in between
+    thr = torch.kthvalue(vals, vals.numel() - rank + 1).values
+    bigger = vals > thr
+    need = rank - bigger.sum()
+    equal = torch.where(vals == thr, pos, n).sort().values
+    cut = equal.index_select(0, need.sub(1).view(1)).squeeze(0).add_(1)
+    return _selection(x, thr, cut, l1 + _l1(vals, bigger) + thr * need, want_l1)
 
 
 # lowbias32 (C. Wellons) on int32 with logical shifts; int32 products wrap on every device.

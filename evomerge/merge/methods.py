@@ -2,8 +2,10 @@
 
 A method that is a weighted sum of the base and the task vectors (linear, task arithmetic,
 SLERP, model stock, and any task-arithmetic variant at density 1 without sign consensus)
-computes its coefficients from per-tensor statistics and writes with one `addmm`. The
-sparsifying and sign-electing methods run one fused, chunked pass per tensor.
+computes its coefficients from per-tensor statistics and streams them into the candidate
+(`combine`). The sparsifying and sign-electing methods run one fused, chunked pass per
+tensor. Neither waits for the device: numbers from statistics are read on the host, and
+what depends on the data (top-k thresholds, kept norms) stays a tensor where it is.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def _elect(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     (a zero sum counts as +), else 0. Float masks: torch's CPU bool kernels are slow."""
     majority = v.sum(dim=0).sign_().add_(0.5).sign_()  # +1 or -1 per column
     return torch.mul(v, majority, out=out).gt_(0)
+
+
+def _column(values: list, device: torch.device) -> torch.Tensor:
+    """`values` (numbers, or 0-dim tensors on `device`) as a float32 [n, 1] column on
+    `device`, with no host round trip: the numbers travel in one non-blocking copy from
+    pinned memory (a blocking one waits for the device), the tensors never leave it."""
+    numbers = torch.tensor([0.0 if torch.is_tensor(v) else v for v in values])
+    if device.type == "cuda":  # from pageable memory a copy may wait after all
+        numbers = numbers.pin_memory()
+    col = numbers.to(device, non_blocking=True)
+    for i, v in enumerate(values):
+        if torch.is_tensor(v):
+            col[i] = v
+    return col.view(-1, 1)
 
 
 def _coefficients(slot: TensorSlot, rows, weights) -> list[float]:
@@ -181,8 +197,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return
         rescale = bool(job.options.get("rescale", False))
         keeps = [self._keep(job, i, rescale) if p else None for i, p in enumerate(pruned)]
+        l1 = job.slot.l1.numpy()  # statistics are on the host
         scale = [
-            wi * (kp.rescale(float(job.slot.l1[job.rows[i]])) if kp and rescale else 1.0)
+            wi * (kp.rescale(float(l1[job.rows[i]])) if kp and rescale else 1.0)
             for i, (wi, kp) in enumerate(zip(w, keeps, strict=True))
         ]
         self._fused(job, keeps, scale, w, normalize, lam)
@@ -190,8 +207,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def _fused(self, job, keeps, scale, w, normalize: bool, lam: float) -> None:
         """One chunked pass: prune, weight, elect signs (TIES), normalize, write."""
         slot, device = job.slot, job.slot.device
-        sc = torch.tensor(scale, dtype=torch.float32, device=device).view(-1, 1)
-        wt = torch.tensor(w, dtype=torch.float32, device=device).view(-1, 1)
+        sc, wt = _column(scale, device), _column(w, device)
         total = sum(w)
         div_all = total if abs(total) >= 1e-8 else 1.0
         by_magnitude = any(k is not None and k.by_magnitude for k in keeps)
@@ -308,7 +324,7 @@ class SCE(MergeMethod):
         # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
         # rounds `count * fraction` differently from float64 for many counts.
         k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
-        sel = top_k(Pieces.of(var), k, MagnitudeGrid.of(var[None]), 0, False)
+        sel = top_k(Pieces.of(var), k, MagnitudeGrid.of(var[None]).host(), 0, False)
         return sel, var
 
 

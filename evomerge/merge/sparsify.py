@@ -17,6 +17,7 @@ import torch
 from evomerge.merge.kernels import (
     SCAN,
     Pieces,
+    Scalar,
     Selection,
     bernoulli,
     chunks,
@@ -32,7 +33,7 @@ RESCALE_EPS = 1e-7  # below this L1 norm mergekit leaves a pruned tensor unscale
 class Keep:
     """Kept elements of one task vector, chunk by chunk."""
 
-    kept_l1: float
+    kept_l1: Scalar
     by_magnitude = False  # does `mask_` read the magnitudes it is given?
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
@@ -40,11 +41,15 @@ class Keep:
         when `by_magnitude` (and may be overwritten)."""
         raise NotImplementedError
 
-    def rescale(self, l1: float) -> float:
-        """mergekit's L1 rescale factor of the pruned task vector."""
-        if l1 < RESCALE_EPS or self.kept_l1 < RESCALE_EPS:
+    def rescale(self, l1: float) -> Scalar:
+        """mergekit's L1 rescale factor of the pruned task vector (a tensor on the device
+        when the kept norm is one: deciding on the host would wait for the device)."""
+        kept = self.kept_l1
+        if l1 < RESCALE_EPS:
             return 1.0
-        return l1 / self.kept_l1
+        if torch.is_tensor(kept):
+            return torch.where(kept < RESCALE_EPS, 1.0, l1 / kept)
+        return 1.0 if kept < RESCALE_EPS else l1 / kept
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class MagnitudeKeep(Keep):
     by_magnitude = True
 
     @property
-    def kept_l1(self) -> float:
+    def kept_l1(self) -> Scalar:
         return self.sel.kept_l1
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
@@ -71,7 +76,7 @@ class BandKeep(Keep):
     by_magnitude = True
 
     @property
-    def kept_l1(self) -> float:
+    def kept_l1(self) -> Scalar:
         return self.upper.kept_l1 - self.lower.kept_l1
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
@@ -84,7 +89,7 @@ class StoredKeep(Keep):
     """A mask computed up front (random and DELLA keeps)."""
 
     stored: torch.Tensor  # bool [n]
-    kept_l1: float
+    kept_l1: Scalar
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
         return self.stored[start : start + a.numel()].view(torch.uint8)
@@ -120,7 +125,7 @@ class RandomKeep(Keep):
 
     key: tuple[int, int]
     density: float
-    kept_l1: float
+    kept_l1: Scalar
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
         out = torch.empty(a.shape, dtype=torch.bool, device=a.device)
@@ -141,7 +146,7 @@ def l1_by_draw(slot: TensorSlot, row: int, key: tuple[int, int]) -> torch.Tensor
     for start, stop in chunks(slot.numel, steps(SCAN, device)):
         draws = uniform16(key, start, stop, device).int().add_(1 << 15)
         x = slot.piece(row, start, stop)
-        table += torch.bincount(draws, x.double().abs(), minlength=1 << 16)
+        table.index_add_(0, draws, x.double().abs())  # bincount would ask the device its max
     slot.cache[("l1_by_draw", row)] = (key, table.float())
     return slot.cache[("l1_by_draw", row)][1]
 
@@ -150,7 +155,7 @@ def random(slot: TensorSlot, row: int, density: float, key: tuple[int, int], wan
     kept = 0.0
     if want_l1:
         below = min(math.ceil(density * (1 << 16)), 1 << 16)  # draws kept: those < threshold
-        kept = float(l1_by_draw(slot, row, key)[:below].sum(dtype=torch.float64))
+        kept = l1_by_draw(slot, row, key)[:below].sum(dtype=torch.float64)
     return RandomKeep(key, density, kept)
 
 
@@ -176,7 +181,7 @@ def della(slot: TensorSlot, row: int, density: float, epsilon: float, key: tuple
         m = u < probs.mul_(65536).sub_(32768)  # u uniform in -32768..32767
         stored[start:stop] = m.view(-1)
         kept += (a * m.view(torch.uint8)).sum(dtype=torch.float64)
-    return StoredKeep(stored, float(kept))
+    return StoredKeep(stored, kept)
 
 
 def valid_della(density: float, epsilon: float) -> bool:
