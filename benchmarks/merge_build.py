@@ -76,8 +76,8 @@ NOTES = [
     "",
     "Notes: weighted sums (linear, task_arithmetic, slerp, model_stock) take their "
     "coefficients from per-tensor Gram statistics and stream into the candidate. TIES-style "
-    "top-k thresholds come from per-tensor magnitude rank grids (one scan, no sort). DARE's "
-    "rescale reads a per-seed table of kept L1 by random draw, built by the first candidate "
+    "top-k thresholds come from per-tensor magnitude rank grids (at most one scan, no sort). "
+    "DARE's rescale reads a per-seed table of kept L1 by random draw, built by the first candidate "
     "of a seed (the warm-up here) and reused by the rest of a study. DELLA ranks every row "
     "and SCE selects by variance across sources per candidate, as mergekit does: no floor.",
 ]

@@ -45,7 +45,7 @@ class WorkerPlan:
 
     params: int
     shared: int  # bytes of the mapped files the host placement reads through the page cache
-    shared_statistics: int  # on a CPU node: the statistics files, mapped by every worker
+    shared_statistics: int  # the statistics files in the page cache, mapped by every worker
     needs: dict[Placement, Need]
     available: int | None
     where: str  # what `available` measured
@@ -82,7 +82,8 @@ class WorkerPlan:
         if self.shared_statistics:
             out.append(
                 f"statistics: {self.shared_statistics / GiB:.3f} GiB of cached files in the page "
-                "cache, shared by the workers of a node (a GPU worker keeps its own on the device)"
+                "cache, shared by the workers of a node (a GPU worker keeps DARE's tables on the "
+                "device)"
             )
         pick = self.choice
         out.append(
@@ -127,10 +128,10 @@ def plan_worker(
             params, 0, 0, {Placement.DEVICE: none, Placement.HOST: none}, available, where, asked
         )
     files = sum(c.nbytes() for c in merged)
-    statistics = sum(
-        8 * s + 8 * (s + 1) ** 2 + s * (min(GRID, n - 1) + 1) * 20 + s * 4 * (1 << 16)
-        for n in numels
-    )  # L1 norms, Gram matrix, magnitude grid, DARE's L1-by-draw table
+    # L1 norms, Gram matrices and magnitude grids stay on the host (the host reads them, and
+    # never waits for the device to); DARE's L1-by-draw tables go where the sources are.
+    grids = sum(8 * s + 8 * (s + 1) ** 2 + s * (min(GRID, n - 1) + 1) * 20 for n in numels)
+    tables = len(numels) * s * 4 * (1 << 16)
     largest = max(numels)
     # A build forms task vectors span by span: float32 span buffers (base and sources), the
     # fused pass's three per source and a scan's pieces, a step (SCAN = 2 steps) each; and
@@ -138,14 +139,14 @@ def plan_worker(
     step = CHUNK * (GPU_STEPS if gpu else 1)
     formed = 4 * step * ((s + 1) + 3 * s + 2 * 4) + 5 * largest
     staged = 2 * (s + 1) * largest * merged[0].locate(next(iter(shapes)))[3].itemsize
-    # A CPU worker uses the statistics mapped from the cache (page cache, one copy a node); a
-    # GPU worker copies them to its device.
-    own = statistics if gpu else 0
+    # Every worker maps the statistics from the cache (page cache, one copy a node); a GPU
+    # worker copies DARE's tables to its device.
+    own = tables if gpu else 0
     needs = {
         Placement.DEVICE: Need(files, own, candidate, formed, evaluation),
         Placement.HOST: Need(0, own, candidate, formed + staged, evaluation),
     }
-    return WorkerPlan(params, files, statistics - own, needs, available, where, asked)
+    return WorkerPlan(params, files, grids + tables - own, needs, available, where, asked)
 
 
 def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[int | None, str]:

@@ -1,8 +1,9 @@
 """Per-tensor statistics of a SourceSet that make candidate builds cheap.
 
 L1 norms and Gram matrices turn weighted sums and SLERP into a few scalars; magnitude rank
-grids find any TIES top-k threshold with one scan instead of a sort. They depend only on
-the checkpoints' content, so `evomerge.stats_cache` keeps them on disk between loads.
+grids find any TIES top-k threshold with at most one scan instead of a sort. They depend
+only on the checkpoints' content, so `evomerge.stats_cache` keeps them on disk between
+loads, and they stay on the host, where a build reads them without waiting for a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class MagnitudeGrid:
 
     For grid value v_j, `above[j]` = #(|x| > v_j) and `atleast[j]` = #(|x| >= v_j). Any
     top-k threshold lies between two neighbouring grid values, so finding it exactly takes
-    one scan for the few elements in between, never a sort.
+    at most one scan for the few elements in between, never a sort.
     """
 
     values: torch.Tensor  # float32 [rows, G + 1], ascending

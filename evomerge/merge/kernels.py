@@ -1,9 +1,10 @@
 """Tensor kernels the methods share: weighted sums, exact top-k selection, keyed random bits.
 
 Everything is exact with respect to mergekit's maths; the speed comes from doing less work:
-a weighted sum streams straight into the candidate's storage, a top-k threshold is
-found from precomputed magnitude order statistics plus one scan (no sort), and random masks
-come from a counter-based hash (no generator state, identical on every device and process).
+a weighted sum streams straight into the candidate's storage, a top-k threshold is found
+from precomputed magnitude order statistics plus at most one scan (no sort), and random
+masks come from a counter-based hash (no generator state, identical on every device and
+process). Nothing on a GPU waits for the device: see `fixed_shapes`.
 """
 
 from __future__ import annotations
