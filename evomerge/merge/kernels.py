@@ -109,8 +109,15 @@ class Selection:
         # The cut is on the device: |x| >= thr before it, |x| >= the next float after it.
         thr = self.thr if torch.is_tensor(self.thr) else a.new_full((), self.thr)
         after = torch.nextafter(thr, torch.full_like(thr, math.inf))
-        at = torch.arange(start, start + a.numel(), device=a.device)
+        at = torch.arange(
+            start, start + a.numel(), dtype=_index(start + a.numel()), device=a.device
+        )
         return a.ge_(torch.where(at < self.cut, thr, after))
+
+
+def _index(n: int) -> torch.dtype:
+    """The narrowest integer type for positions below n: a step's worth of them is a buffer."""
+    return torch.int32 if n < 1 << 31 else torch.int64
 
 
 def keep_all(l1: Scalar) -> Selection:
@@ -191,7 +198,7 @@ def _at(x: Pieces, thr: float, need: int, equal: int, want_l1: bool) -> Selectio
             l1 += _l1(a, a > thr)
         if need < equal:  # the need-th equal element: where the running count reaches need
             eq = a == thr
-            count = eq.cumsum(0).add_(seen)
+            count = eq.cumsum(0, dtype=_index(x.n)).add_(seen)
             last = torch.searchsorted(count, need)  # first place the count reaches need
             inside = last < a.numel()
             cut = torch.where(inside & (seen < need), last + start + 1, cut)
