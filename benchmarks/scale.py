@@ -264,7 +264,7 @@ def pair(root: Path, cache: Path, device: str) -> dict:
     return {k: [u[k] for u in now] for k in ("anonymous", "private")}
 
 
-def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
+def report(runs: list[tuple[str, dict]], two: dict | None, trials: int) -> list[str]:
     n = runs[0][1]["params"]
     gpu = runs[0][1]["device"] == "cuda"
     sources = 2 * 4  # bf16 base + 3 sources, bytes a parameter
@@ -313,15 +313,16 @@ def report(runs: list[tuple[str, dict]], two: dict, trials: int) -> list[str]:
                 f"| {label} | {b['dare_ties']:.3f} | {b['ties']:.3f} | "
                 f"{b['task_arithmetic']:.3f} | {r['stream_s']:.3f} | {r['copy_s']:.3f} |"
             )
+    lines += ["", f"second load / first: {runs[1][1]['load_s'] / runs[0][1]['load_s']:.3f}"]
+    if two is None:
+        return [*lines, "two host workers: not measured (--single)"]
     total = sum(two["anonymous"])
-    lines += [
-        "",
-        f"second load / first: {runs[1][1]['load_s'] / runs[0][1]['load_s']:.3f}",
+    return [
+        *lines,
         f"two host workers: anonymous {two['anonymous'][0]:.2f} + {two['anonymous'][1]:.2f} = "
         f"{total:.2f} B/param (private {two['private'][0]:.2f} + {two['private'][1]:.2f}); "
         f"one copy of the sources is {sources} B/param, two would be {2 * sources}",
     ]
-    return lines
 
 
 def main() -> None:
@@ -331,6 +332,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--child", choices=("device", "host"))
+    ap.add_argument(
+        "--single",
+        action="store_true",
+        help="skip the two Ray workers: one worker's rows only (a machine without ray, or short"
+        " of time: the workers build the toy zoo to evaluate on)",
+    )
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
@@ -345,10 +352,10 @@ def main() -> None:
             ("host, second load", child(root, "host", args.trials, Path(cache), args.device)),
             ("device, second load", child(root, "device", args.trials, Path(cache), args.device)),
         ]
-        two = pair(root, Path(cache), args.device)
+        two = None if args.single else pair(root, Path(cache), args.device)
     print(
         f"python -m benchmarks.scale --size {args.size} --trials {args.trials} "
-        f"--device {args.device}"
+        f"--device {args.device}" + " --single" * args.single
     )
     print(f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs")
     print("\n".join(report(runs, two, args.trials)))
