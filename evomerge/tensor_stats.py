@@ -30,10 +30,6 @@ class MagnitudeGrid:
     above: torch.Tensor  # int64 [rows, G + 1]
     atleast: torch.Tensor  # int64 [rows, G + 1]
 
-    def host(self) -> MagnitudeGrid:
-        """The grid on the CPU, where `top_k` reads it."""
-        return MagnitudeGrid(self.values.cpu(), self.above.cpu(), self.atleast.cpu())
-
     @classmethod
     def of(cls, x: torch.Tensor) -> MagnitudeGrid:
         """The grid of each row of x [rows, n].

@@ -17,6 +17,7 @@ from evomerge.merge.kernels import (
     bernoulli,
     rng_key,
     top_k,
+    top_k_on_device,
     uniform16,
 )
 from evomerge.models import MagnitudeGrid, SourceSet
@@ -389,13 +390,33 @@ def test_top_k_is_exact(kind, fixed, monkeypatch):
         order = torch.sort(x.abs(), descending=True, stable=True).indices
         for density in (1e-4, 0.1, 0.5, 0.999):
             k = max(1, int(density * n))
-            sel = top_k(Pieces.of(x), k, grid, 0, True)
+            sel = top_k(Pieces(lambda a, b, x=x: x[a:b], n, x.device), k, grid, 0, True)
             kept = sel.mask_(x.abs(), 0).bool()
             expected = torch.zeros(n, dtype=torch.bool)
             expected[order[:k]] = True
             assert torch.equal(kept, expected)
             l1 = float(x.abs()[expected].double().sum())
             assert float(sel.kept_l1) == pytest.approx(l1, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "half_zero"])
+def test_top_k_on_device_is_exact(kind, monkeypatch):
+    """The radix select SCE uses (k on the device): exactly k kept, the k largest, ties by
+    position, k = 0 keeps none."""
+    monkeypatch.setattr(kernels, "SCAN", 1 << 12)  # many steps: ties across them
+    gen = torch.Generator().manual_seed(2)
+    for n in (1, 7, 1000, 50_000):
+        x = torch.randn(n, generator=gen).square()
+        if kind == "quantized":
+            x = (x * 4).round() / 4
+        if kind == "half_zero":
+            x[: n // 2] = 0
+        order = torch.sort(x, descending=True, stable=True).indices
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            sel = top_k_on_device(x, torch.tensor(k))
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order[:k]] = True
+            assert torch.equal(sel.mask_(x.clone(), 0).bool(), expected), (n, k)
 
 
 # --- the registry ----------------------------------------------------------------------

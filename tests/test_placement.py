@@ -135,11 +135,10 @@ class HostWaits(TorchFunctionMode):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_builds_never_wait_for_the_device(placement, tiny_family, monkeypatch):
-    """The weighted sums and the TIES/DARE family, as a GPU runs them, read no number back
-    from the device: a candidate's build is queued whole. The statistics (host memory) are
-    what the host reads. SLERP and model stock compute a ratio from a Gram matrix on the host,
-    which this check cannot tell from a read-back on the CPU (the GPU test covers them); SCE
-    counts its top-variance selection on the device."""
+    """The weighted sums, the TIES/DARE family and SCE, as a GPU runs them, read no number
+    back from the device: a candidate's build is queued whole. The statistics (host memory)
+    are what the host reads. SLERP and model stock compute a ratio from a Gram matrix on the
+    host, which this check cannot tell from a read-back on the CPU (the GPU test covers them)."""
     fix_shapes(monkeypatch)
     coarse_grid(monkeypatch)
     monkeypatch.setattr(kernels, "SCAN", 1 << 10)  # many steps per tensor
@@ -152,7 +151,7 @@ def test_builds_never_wait_for_the_device(placement, tiny_family, monkeypatch):
     }
     cases = [(m, {}) for m in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")]
     cases += [("della", {}), ("ties", {"rescale": True}), ("breadcrumbs_ties", {"rescale": True})]
-    cases += [("model_stock", {"filter_wise": True})]
+    cases += [("model_stock", {"filter_wise": True}), ("sce", {})]
     for method, options in cases:
         recipe = recipe_for(method, sources, fixed={"density": 0.6}, seed=3, options=options)
         placed_build(recipe, sources)  # the first build of a seed writes its DARE tables
@@ -164,9 +163,9 @@ def test_builds_never_wait_for_the_device(placement, tiny_family, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_a_gpu_build_never_synchronizes(placement, tiny_family):
-    """On a GPU: torch itself refuses any synchronizing call during a build (SCE aside)."""
+    """On a GPU: torch itself refuses any synchronizing call during a build."""
     sources = _load(tiny_family.base, tiny_family.sources, placement, device="cuda")
-    for method in sorted(set(METHODS) - {"sce"}):
+    for method in sorted(METHODS):
         recipe = recipe_for(method, sources, fixed={"density": 0.6}, seed=3)
         model = sources.new_model(recipe.dtype)
         build(recipe, sources, model)

@@ -155,11 +155,6 @@ class Pieces:
     n: int
     device: torch.device
 
-    @classmethod
-    def of(cls, x: torch.Tensor) -> Pieces:
-        """A tensor at hand."""
-        return cls(lambda start, stop: x[start:stop].float(), x.numel(), x.device)
-
     def magnitudes(self):
         """(start, |x[start:stop]|) step by step."""
         for start, stop in chunks(self.n, steps(SCAN, self.device)):
@@ -246,6 +241,52 @@ def top_k(x: Pieces, k: int, grid: MagnitudeGrid, row: int, want_l1: bool) -> Se
     equal = torch.where(vals == thr, pos, n).sort().values
     cut = equal.index_select(0, need.sub(1).view(1)).squeeze(0).add_(1)
     return _selection(x, thr, cut, l1 + _l1(vals, bigger) + thr * need, want_l1)
+
+
+def _from_top(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bin where a count from the highest bin down reaches k, and the count above it."""
+    down = hist.flip(0)
+    at_or_above = down.cumsum(0)
+    j = torch.searchsorted(at_or_above, k).view(1)  # counted from the top
+    above = (at_or_above.index_select(0, j) - down.index_select(0, j)).squeeze(0)
+    return hist.numel() - 1 - j.squeeze(0), above
+
+
+def top_k_on_device(x: torch.Tensor, k: torch.Tensor) -> Selection:
+    """The k largest of the non-negative flat x, exactly, ties by position, where k is a
+    0-dim int64 tensor on x's device: for a tensor formed per candidate (SCE's variances),
+    which has no grid and whose k the host does not know. A radix select on the float bits
+    (non-negative floats order like their int32 bits): a histogram of the top 16 bits, one
+    of the low 15 inside the bin that holds the k-th, and a running count for the cut; three
+    passes, none of which waits for the device.
+    """
+    n, device = x.numel(), x.device
+    bits = x.view(torch.int32)
+    size = steps(SCAN, device)
+    ones = torch.ones(min(size, n), dtype=torch.int64, device=device)
+    high = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for start, stop in chunks(n, size):
+        high.index_add_(0, (bits[start:stop] >> 15).long(), ones[: stop - start])
+    b, above_b = _from_top(high, k)
+    low = torch.zeros((1 << 15) + 1, dtype=torch.int64, device=device)  # the last: other bins
+    for start, stop in chunks(n, size):
+        v = bits[start:stop]
+        key = torch.where((v >> 15) == b, v & 0x7FFF, 1 << 15)
+        low.index_add_(0, key.long(), ones[: stop - start])
+    lo, above_thr = _from_top(low[:-1], k - above_b)
+    thr = ((b << 15) | lo).to(torch.int32).view(torch.float32)
+    need = k - above_b - above_thr
+    cut = torch.full((), n, dtype=torch.int64, device=device)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
+    for start, stop in chunks(n, size):
+        count = (x[start:stop] == thr).cumsum(0, dtype=_index(n)).add_(seen)
+        last = torch.searchsorted(count, need)
+        found = (last < stop - start) & (seen < need)
+        cut = torch.where(found, last + start + 1, cut)
+        seen = count[-1]
+    none = k <= 0
+    thr = torch.where(none, math.inf, thr)
+    return Selection(thr, torch.where(none, 0, cut), 0.0)
 
 
 # lowbias32 (C. Wellons) on int32 with logical shifts; int32 products wrap on every device.

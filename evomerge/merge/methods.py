@@ -18,17 +18,16 @@ from evomerge.merge import sparsify
 from evomerge.merge.kernels import (
     CHUNK,
     SCAN,
-    Pieces,
     chunks,
     combine,
     keep_none,
     rng_key,
     span_buffer,
     steps,
-    top_k,
+    top_k_on_device,
 )
 from evomerge.merge.spec import BasePolicy, MergeMethod, OptionSpec, ParamSpec, TensorJob
-from evomerge.models import MagnitudeGrid, TensorSlot
+from evomerge.models import TensorSlot
 
 WEIGHT = ParamSpec(
     "weight", True, None, doc="scale of the source's task vector (linear: of the source)"
@@ -302,8 +301,8 @@ class SCE(MergeMethod):
         for start, stop in chunks(slot.numel, size):
             squares += masked(start, stop)[1].square().sum(dim=1, dtype=torch.float64)
         means = squares / slot.numel
-        total = float(means.sum())
-        weights = torch.full_like(means, 1 / k) if abs(total) < 1e-6 else means / total
+        total = means.sum()
+        weights = torch.where(total.abs() < 1e-6, torch.full_like(means, 1 / k), means / total)
         wt = weights.float().view(-1, 1)
         for start, stop in chunks(slot.numel, size):
             b, x = masked(start, stop)
@@ -322,10 +321,10 @@ class SCE(MergeMethod):
         for start, stop in chunks(slot.numel, size):
             var[start:stop] = slot.span(start, stop, into, rows)[1].var(dim=0, unbiased=False)
         # k exactly as mergekit computes it: an int64 tensor times a float is float32, which
-        # rounds `count * fraction` differently from float64 for many counts.
-        k = int(var.count_nonzero() * fraction) if fraction > 0 else 0
-        sel = top_k(Pieces.of(var), k, MagnitudeGrid.of(var[None]).host(), 0, False)
-        return sel, var
+        # rounds `count * fraction` differently from float64 for many counts; left on the
+        # device, as the selection is.
+        k = (var.count_nonzero() * fraction).to(torch.int64)
+        return top_k_on_device(var, k), var
 
 
 def _task_methods() -> tuple[MergeMethod, ...]:
