@@ -185,20 +185,32 @@ def _at(x: Pieces, thr: float, need: int, equal: int, want_l1: bool) -> Selectio
     the kept L1): none when every equal element is kept and no L1 is wanted."""
     if need == equal and not want_l1:
         return Selection(thr, x.n, 0.0)
-    cut = torch.full((), x.n, dtype=torch.int64, device=x.device)
-    seen = torch.zeros((), dtype=torch.int64, device=x.device)
+    cut = _Cut(thr, need, x.n, x.device)
     l1 = torch.zeros((), dtype=torch.float64, device=x.device)
     for start, a in x.magnitudes():
         if want_l1:
             l1 += _l1(a, a > thr)
-        if need < equal:  # the need-th equal element: where the running count reaches need
-            eq = a == thr
-            count = eq.cumsum(0, dtype=_index(x.n)).add_(seen)
-            last = torch.searchsorted(count, need)  # first place the count reaches need
-            inside = last < a.numel()
-            cut = torch.where(inside & (seen < need), last + start + 1, cut)
-            seen = count[-1]
-    return _selection(x, thr, x.n if need == equal else cut, l1 + thr * need, want_l1)
+        if need < equal:
+            cut.step(start, a)
+    return _selection(x, thr, x.n if need == equal else cut.at, l1 + thr * need, want_l1)
+
+
+class _Cut:
+    """Where the `need`-th element equal to `thr` is, counted step by step on the device:
+    the position after it (`at`), or n until it is found."""
+
+    def __init__(self, thr: Scalar, need: int | torch.Tensor, n: int, device) -> None:
+        self.thr, self.need, self.n = thr, need, n
+        self.at = torch.full((), n, dtype=torch.int64, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+
+    def step(self, start: int, a: torch.Tensor) -> None:
+        """Count the elements of x[start : start + len(a)], given as `a`."""
+        count = (a == self.thr).cumsum(0, dtype=_index(self.n)).add_(self.seen)
+        last = torch.searchsorted(count, self.need)  # the first place the count reaches need
+        found = (last < a.numel()) & (self.seen < self.need)
+        self.at = torch.where(found, last + start + 1, self.at)
+        self.seen = count[-1]
 
 
 def _selection(x: Pieces, thr: Scalar, cut, kept: torch.Tensor, want_l1: bool) -> Selection:
@@ -275,18 +287,11 @@ def top_k_on_device(x: torch.Tensor, k: torch.Tensor) -> Selection:
         low.index_add_(0, key.long(), ones[: stop - start])
     lo, above_thr = _from_top(low[:-1], k - above_b)
     thr = ((b << 15) | lo).to(torch.int32).view(torch.float32)
-    need = k - above_b - above_thr
-    cut = torch.full((), n, dtype=torch.int64, device=device)
-    seen = torch.zeros((), dtype=torch.int64, device=device)
+    cut = _Cut(thr, k - above_b - above_thr, n, device)
     for start, stop in chunks(n, size):
-        count = (x[start:stop] == thr).cumsum(0, dtype=_index(n)).add_(seen)
-        last = torch.searchsorted(count, need)
-        found = (last < stop - start) & (seen < need)
-        cut = torch.where(found, last + start + 1, cut)
-        seen = count[-1]
+        cut.step(start, x[start:stop])
     none = k <= 0
-    thr = torch.where(none, math.inf, thr)
-    return Selection(thr, torch.where(none, 0, cut), 0.0)
+    return Selection(torch.where(none, math.inf, thr), torch.where(none, 0, cut.at), 0.0)
 
 
 # lowbias32 (C. Wellons) on int32 with logical shifts; int32 products wrap on every device.
