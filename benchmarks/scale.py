@@ -248,12 +248,16 @@ def pair(root: Path, cache: Path, device: str) -> dict:
     )
     groups = load(root, "host").groups(1)
     trial = recipe("dare_ties", groups, "base").model_copy(update={"dtype": "bfloat16"})
-    env = {"env_vars": {"EVOMERGE_CACHE": str(cache), "PYTHONPATH": os.getcwd()}}
+    # The actors import this checkout and whatever PYTHONPATH already holds (a GPU machine's
+    # carried packages: scripts/gpu_check.sh); a PYTHONPATH of the checkout alone hid those.
+    path = os.pathsep.join(filter(None, (os.getcwd(), os.environ.get("PYTHONPATH"))))
+    env = {"env_vars": {"EVOMERGE_CACHE": str(cache), "PYTHONPATH": path}}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=env, log_to_driver=False)
     try:
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(MeasuredWorker)
         workers = [actor.remote(spec) for _ in range(2)]
-        reports = ray.get([w.evaluate.remote(trial.to_json()) for w in workers])
+        # An actor that cannot start never answers: fail after 10 minutes rather than hang.
+        reports = ray.get([w.evaluate.remote(trial.to_json()) for w in workers], timeout=600)
         errors = [e for _, _, e in reports if e]
         if errors:
             raise RuntimeError(f"a worker's trial failed: {errors}")
