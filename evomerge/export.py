@@ -7,6 +7,7 @@ and renamed into place at the end: an error leaves nothing half-written.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import textwrap
@@ -67,7 +68,7 @@ def mergekit_config(recipe: Recipe, source_paths: dict[str, str]) -> dict:
     _, layout = _anchor(recipe, source_paths)
     num_layers = layout.num_layers
     group_of = group_parts(recipe.groups, num_layers)
-    options = method_options(recipe, method)
+    options = method_options(recipe.options, method)
     values = group_values(recipe, method, options)
     runs = _layer_runs(group_of, num_layers)
 
@@ -183,7 +184,7 @@ def recipe_yaml(recipe: Recipe, paths: dict[str, str]) -> str:
 def model_card(recipe: Recipe, source_paths: dict[str, str], config_yaml: str, scores) -> str:
     """README.md: method, sources, every parameter per group, options, scores, reproduction."""
     method = get_method(recipe.method)
-    options = method_options(recipe, method)
+    options = method_options(recipe.options, method)
     values = group_values(recipe, method, options)
     lines = [
         f"# evomerge {recipe.method} merge `{recipe.hash}`",
@@ -250,9 +251,21 @@ def export_checkpoint(
 def free_folder(out_dir: str | Path) -> Path:
     """`out_dir` as a Path, checked before any work: it must be missing or empty."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output folder {out} is a file")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder exists and is not empty: {out}")
     return out
+
+
+def _readable(folder: Path) -> None:
+    """Give `folder` and what it holds the modes a plain mkdir and write would have (the
+    umask's): mkdtemp makes the folder private, and some writers make private files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager
@@ -263,6 +276,7 @@ def staged(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        _readable(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -455,6 +469,11 @@ def export_recipe(
     device: str | torch.device = "cpu",
 ) -> Path:
     """Load the recipe's models and export it; `config` (a StudyConfig) names its toy zoo."""
+    if mergekit_yaml_path is not None:
+        yaml_path = Path(mergekit_yaml_path)
+        if yaml_path.is_dir() or not yaml_path.parent.is_dir():
+            where = "is a folder" if yaml_path.is_dir() else "is in no existing folder"
+            raise ValueError(f"mergekit YAML {yaml_path} {where}")
     if zoo_dir is None and config is not None and config.zoo:
         from evomerge.zoo import default_zoo_dir
 

@@ -47,6 +47,8 @@ def _model_refs(config: StudyConfig) -> dict[str, str]:
     refs |= {f"sources.{i}": s for i, s in enumerate(config.sources)}
     if config.dataflow is not None and config.dataflow.b is not None:
         refs["dataflow.b"] = config.dataflow.b
+    if config.mixture is not None:
+        refs |= {f"mixture.others.{i}": m for i, m in enumerate(config.mixture.others)}
     return refs
 
 
@@ -91,9 +93,12 @@ def _task_problems(config: StudyConfig) -> list[Problem]:
     from evomerge.zoo import default_zoo_dir
 
     zoo_dir = default_zoo_dir(config.zoo or "demo")
+    refs = {f"fitness.tasks.{i}.task": t.task for i, t in enumerate(config.fitness.tasks)}
+    if config.mixture is not None:
+        for i, tasks in enumerate(config.mixture.prompts):
+            refs |= {f"mixture.prompts.{i}.{j}": ref for j, ref in enumerate(tasks)}
     found = []
-    for i, ref in enumerate(t.task for t in config.fitness.tasks):
-        field = f"fitness.tasks.{i}.task"
+    for field, ref in refs.items():
         try:
             spec = load_task(ref, zoo_dir)
         except Exception as e:
@@ -110,15 +115,14 @@ def _task_problems(config: StudyConfig) -> list[Problem]:
 def _storage_problems(url: str) -> list[Problem]:
     """SQLite: an existing database takes a write (rolled back: nothing stays written); a new
     one needs a folder it can be created in."""
-    from storage.db import make_engine, masked, parse_url, transaction
+    from storage.db import make_engine, masked, sqlite_file, transaction
 
     try:
-        parsed = parse_url(url)
+        db = sqlite_file(url)
     except Exception as e:
         return [Problem("storage", _reason(e))]
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+    if db is None:
         return []
-    db = Path(parsed.database.removeprefix("file:"))
     if not db.exists():
         folder = db.parent
         if os.access(folder, os.W_OK):
@@ -128,12 +132,13 @@ def _storage_problems(url: str) -> list[Problem]:
         ]
     engine = None
     try:
-        engine = make_engine(parsed)
+        engine = make_engine(url)
         with transaction(engine, write=True) as conn:
             conn.exec_driver_sql("CREATE TABLE evomerge_preflight_probe (x INTEGER)")
             conn.rollback()
     except Exception as e:
-        return [Problem("storage", f"{masked(url)} is read-only: {_reason(e)}")]
+        state = "locked by another connection" if "locked" in _reason(e) else "read-only"
+        return [Problem("storage", f"{masked(url)} is {state}: {_reason(e)}")]
     finally:
         if engine is not None:
             engine.dispose()
@@ -146,7 +151,11 @@ def _space_problems(config: StudyConfig) -> list[Problem]:
     try:
         build_space(config)
     except (FileNotFoundError, ValueError) as e:
-        return [Problem("method", _reason(e))]
+        # The space's errors start with the field they are about ("search.density: ...").
+        field, sep, message = _reason(e).partition(": ")
+        if not sep or " " in field:
+            field, message = "method", _reason(e)
+        return [Problem(field, message)]
     return []
 
 

@@ -19,6 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from evomerge.config import StudyConfig
 from evomerge.merge import get_method
+from evomerge.merge.build import method_options
 from evomerge.recipe import DATAFLOW, MERGED, MIXTURE, DataFlow, Mixture, Recipe
 
 
@@ -29,6 +30,7 @@ class SearchSpace:
         self.config = config
         self.groups = groups
         method = get_method(config.method)
+        method_options(config.options, method, "options")
         self._specs = {p.name: p for p in method.params}
         for section, names in (("search", config.search), ("fixed", config.fixed)):
             for name in names:

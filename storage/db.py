@@ -50,6 +50,14 @@ def parse_url(url: str | URL) -> URL:
         ) from e
 
 
+def sqlite_file(url: str | URL) -> Path | None:
+    """The database file of a SQLite URL (None for any other URL)."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database.removeprefix("file:"))
+
+
 def masked(url: str | URL) -> str:
     """`url` with its password hidden: the only form of a URL a message may show."""
     try:

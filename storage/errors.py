@@ -88,6 +88,8 @@ def _classify(e: DBAPIError, url: str, busy_timeout_s: float) -> StorageError | 
         return SchemaError(f"storage {url} has no evomerge tables ({msg}); call Store.migrate()")
     if "file is not a database" in msg:
         return StorageUnavailableError(f"storage {url} is not a SQLite database file ({msg})")
+    if "readonly database" in msg:
+        return StorageUnavailableError(f"storage {url} is read-only ({msg}); nothing was changed")
     if "unable to open database file" in msg:
         return StorageUnavailableError(f"cannot open storage {url}: {msg}")
     return None

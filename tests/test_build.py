@@ -45,7 +45,7 @@ BAD = {
     "della epsilon": ("della", r"density 0.1 \+/- epsilon 0.15 must stay inside"),
     "linear weights sum to 0": ("linear", r"weights sum to 0"),
     "unknown option": (dict(options={"normalise": True}), r"no option\(s\) \['normalise'\]"),
-    "option type": (dict(options={"normalize": 1.0}), r"options.normalize must be true or false"),
+    "option type": (dict(options={"normalize": 1.0}), r"options.normalize: must be true or false"),
     "slerp sources": ("slerp two", r"slerp takes at least 1 and at most 1 source"),
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -147,8 +149,19 @@ def test_cli_merge(tiny_llama, tmp_path):
     ).read_text()
     assert "search_fitness" in (tmp_path / "out" / "README.md").read_text()
 
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "out", tmp_path / "out" / "model.safetensors"):
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask  # as mkdir and open would make
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "not empty" in again.output
+    (tmp_path / "folder.yml").mkdir()
+    yaml_dir = [*args[:3], str(tmp_path / "out2"), "--mergekit-yaml", str(tmp_path / "folder.yml")]
+    result = runner.invoke(app, yaml_dir)
+    assert result.exit_code == 2 and "is a folder" in " ".join(result.output.split())
+    assert not (tmp_path / "out2").exists()  # refused before any work
     missing = runner.invoke(app, ["merge", str(tmp_path / "nope.json"), "--out", "x"])
     assert missing.exit_code == 2 and "recipe file not found" in missing.output
     wrong = recipe.model_copy(update={"method": "tie"})

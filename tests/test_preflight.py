@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -186,3 +187,71 @@ def test_stop_and_cancel_from_the_command_line(store: Store, db_url: str):
     assert store.stop_request("s") == "cancel"
     missing = CliRunner().invoke(app, ["stop", "nope", "--storage", url])
     assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ("{bogus: 1}", "options: task_arithmetic has no option(s) ['bogus']"),
+        ("{normalize: 1}", "options.normalize: must be true or false"),
+        ("{lambda: .nan}", "options.lambda: must be a finite number"),
+    ],
+)
+def test_options_the_method_lacks_are_refused_before_any_trial(models, tmp_path, options, words):
+    db = tmp_path / "study.db"
+    config = write_config(tmp_path, models, extra=f"options: {options}\n")
+    code, out = run(config, db)
+    assert code == 2 and words in out, out
+    assert not db.exists()
+    plan = CliRunner().invoke(app, ["plan", str(config)])
+    assert plan.exit_code == 2 and words in " ".join(plan.output.split()), plan.output
+
+
+def test_mixture_models_and_prompt_tasks_are_checked_before_the_merge_stage(models, tmp_path):
+    db = tmp_path / "study.db"
+    mixture = "mixture: {others: [/nowhere/m], prompts: [[zoo:add], [zoo:nope]]}\n"
+    code, out = run(write_config(tmp_path, models, extra=mixture), db)
+    assert code == 2 and "mixture.others.0: /nowhere/m" in out, out
+    assert "mixture.prompts.1.0: zoo:nope" in out and not db.exists()
+
+
+def test_a_locked_sqlite_database_is_not_called_read_only(models, tmp_path):
+    db = tmp_path / "study.db"
+    Store(f"sqlite:///{db}").migrate()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        code, out = run(write_config(tmp_path, models), db)
+    finally:
+        holder.close()
+    assert code == 2 and "locked by another connection" in out and "read-only" not in out, out
+    assert Store(f"sqlite:///{db}").get_study("pre", missing_ok=True) is None
+
+
+def test_reading_commands_name_what_is_missing_and_create_nothing(store: Store, tmp_path):
+    typo = tmp_path / "typo.db"
+    for args in (
+        ["status"],
+        ["best"],
+        ["resume", "s"],
+        ["stop", "s"],
+        ["export", "s", "--out", str(tmp_path / "o")],
+    ):
+        result = CliRunner().invoke(app, [*args, "--storage", f"sqlite:///{typo}"])
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"no database at {typo}" in out, (args, out)
+    assert not typo.exists()
+    for args in (["best", "nope"], ["export", "nope", "--out", str(tmp_path / "o")]):
+        result = CliRunner().invoke(app, [*args, "--storage", store.url])
+        assert result.exit_code == 2 and "no study named 'nope'" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_stopping_through_a_read_only_database_says_so(tmp_path):
+    db = tmp_path / "study.db"
+    with Store(f"sqlite:///{db}") as store:
+        store.migrate()
+        store.create_study("s", "name: s\n", optuna_study_name="s")
+    result = CliRunner().invoke(app, ["stop", "s", "--storage", read_only(db)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "read-only" in out and "Traceback" not in out, out

@@ -35,8 +35,11 @@ def refuse_unfit(cfg: StudyConfig) -> None:
 def plan(config: Annotated[Path, typer.Argument(help="study config YAML")]) -> None:
     """Bytes a worker needs per placement (from safetensors headers, no weights read), what
     its device has, and the placement `auto` picks; exit code 2 if none fits."""
+    from evomerge.coordinator import build_space
+
     try:
         cfg = StudyConfig.load(config)
+        build_space(cfg)  # what `run` refuses (method, parameters, options), refused here too
         worker = worker_plan(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from e

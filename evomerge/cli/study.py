@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -30,16 +32,43 @@ def _storage_url(option: str | None, config: StudyConfig | None = None) -> str:
     return option or (config.storage if config else None) or default_storage_url()
 
 
-def _open_store(url: str):
-    from storage import Store
-    from storage.db import masked
+def _open_store(url: str, *, create: bool = True):
+    """The store at `url`, migrated; exit 2 naming it when it cannot be opened. Commands
+    that only read or resume studies pass create=False: a misspelt SQLite path is then an
+    error, not a new empty database."""
+    from storage import StorageError, Store
+    from storage.db import masked, sqlite_file
 
+    try:
+        db = None if create else sqlite_file(url)
+    except StorageError as e:
+        raise fail(str(e), 2) from e
+    if db is not None and not db.exists():
+        raise fail(
+            f"no database at {db} (check --storage or EVOMERGE_STORAGE; `evomerge run` "
+            "creates one)",
+            2,
+        )
     try:
         store = Store(url)
         store.migrate()
+    except StorageError as e:
+        raise fail(str(e), 2) from e
     except Exception as e:
         raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
     return store
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Exit 2 with the store's own message (an unknown study, a locked or read-only
+    database) instead of a traceback."""
+    from storage import StorageError
+
+    try:
+        yield
+    except StorageError as e:
+        raise fail(str(e), 2) from e
 
 
 def _preflight(config: StudyConfig, url: str) -> None:
@@ -190,7 +219,7 @@ def run(
 def resume(study: str, storage: StorageOpt = None) -> None:
     """Continue an interrupted or stopped study from its database state."""
     url = _storage_url(storage)
-    store = _open_store(url)
+    store = _open_store(url, create=False)
     row = store.get_study(study, missing_ok=True)
     if row is None:
         raise fail(f"no study named {study!r} in {store.url}", 2)
@@ -209,10 +238,11 @@ def stop(
     storage: StorageOpt = None,
 ) -> None:
     """Ask a study's live run to stop: running trials finish first, unless --cancel."""
-    store = _open_store(_storage_url(storage))
+    store = _open_store(_storage_url(storage), create=False)
     if store.get_study(study, missing_ok=True) is None:
         raise fail(f"no study named {study!r} in {store.url}", 2)
-    store.request_stop(study, "cancel" if cancel else "stop")
+    with _storage_errors():
+        store.request_stop(study, "cancel" if cancel else "stop")
     console.print(f"{'cancel' if cancel else 'stop'} requested for study {study}")
 
 
@@ -223,7 +253,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Studies in the database, or one study's runs and counts (works during a run)."""
-    store = _open_store(_storage_url(storage))
+    store = _open_store(_storage_url(storage), create=False)
     rows = [r for r in store.list_studies() if study is None or r.name == study]
     if study is not None and not rows:
         raise fail(f"no study named {study!r} in {store.url}", 2)
@@ -293,8 +323,9 @@ def best(
     as_json: JsonOpt = False,
 ) -> None:
     """The best recipes of a study (or across studies), by search fitness."""
-    store = _open_store(_storage_url(storage))
-    _print_best(store, study, top, as_json, method)
+    store = _open_store(_storage_url(storage), create=False)
+    with _storage_errors():
+        _print_best(store, study, top, as_json, method)
 
 
 @app.command("export")
@@ -309,10 +340,12 @@ def export_trial(
     from evomerge.export import export_recipe
     from evomerge.recipe import Recipe
 
-    store = _open_store(_storage_url(storage))
-    rows = store.best(study, top=1) if trial is None else [store.trial(study, trial)]
+    store = _open_store(_storage_url(storage), create=False)
+    with _storage_errors():
+        rows = store.best(study, top=1) if trial is None else [store.trial(study, trial)]
     if not rows or rows[0] is None:
-        raise fail(f"study {study!r} has no {'complete trial' if trial is None else trial}", 2)
+        missing = "complete trial" if trial is None else f"trial {trial}"
+        raise fail(f"study {study!r} has no {missing}", 2)
     row = rows[0]
     cfg = StudyConfig.from_yaml(store.get_study(study).config_yaml)
     scores = {
@@ -323,7 +356,7 @@ def export_trial(
     }
     try:
         export_recipe(Recipe.from_json(row.recipe_json), cfg, out, scores, mergekit_yaml)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise fail(str(e), 2) from e
     console.print(f"exported trial {row.number} of {study} to {out}")
 

@@ -7,6 +7,7 @@ the candidate changes, and each error names the recipe field it is about.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -134,18 +135,21 @@ def group_values(recipe: Recipe, method: MergeMethod, options) -> tuple[dict, ..
     return tuple(out)
 
 
-def method_options(recipe: Recipe, method: MergeMethod) -> dict[str, bool | float]:
-    """The method's options: the recipe's, checked, with the defaults for the rest."""
+def method_options(
+    options: Mapping[str, bool | float], method: MergeMethod, where: str = "recipe.options"
+) -> dict[str, bool | float]:
+    """The method's options: `options` (a recipe's, or a study config's at `where`),
+    checked, with the defaults for the rest."""
     specs = {o.name: o for o in method.options}
-    unknown = sorted(set(recipe.options) - set(specs))
+    unknown = sorted(set(options) - set(specs))
     if unknown:
         raise ValueError(
-            f"recipe.options: {method.name} has no option(s) {unknown} "
+            f"{where}: {method.name} has no option(s) {unknown} "
             f"(its options: {sorted(specs) or 'none'})"
         )
-    for name, value in recipe.options.items():
-        specs[name].check(value, f"options.{name}")
-    return {name: recipe.options.get(name, spec.default) for name, spec in specs.items()}
+    for name, value in options.items():
+        specs[name].check(value, f"{where}.{name}")
+    return {name: options.get(name, spec.default) for name, spec in specs.items()}
 
 
 def resolve(recipe: Recipe, sources: SourceSet) -> Plan:
@@ -153,7 +157,7 @@ def resolve(recipe: Recipe, sources: SourceSet) -> Plan:
     method = get_method(recipe.method)
     rows, base_row = _models(recipe, sources, method)
     group_of = group_parts(recipe.groups, sources.num_layers)
-    options = method_options(recipe, method)
+    options = method_options(recipe.options, method)
     values = group_values(recipe, method, options)
     return Plan(recipe, method, rows, base_row, group_of, values, options)
 

@@ -43,9 +43,12 @@ class OptionSpec:
     doc: str = ""
 
     def check(self, value: object, where: str) -> None:
-        if isinstance(self.default, bool) != isinstance(value, bool):
-            kind = "true or false" if isinstance(self.default, bool) else "a number"
-            raise ValueError(f"{where} must be {kind}, got {value!r}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(self.default, bool) != isinstance(value, bool) or (
+            number and not math.isfinite(value)
+        ):
+            kind = "true or false" if isinstance(self.default, bool) else "a finite number"
+            raise ValueError(f"{where}: must be {kind}, got {value!r}")
 
 
 class BasePolicy(Enum):
