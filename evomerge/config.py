@@ -65,11 +65,17 @@ def parse_config(cls: type[Model], text: str, source: str, what: str, **override
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid {what} config\n" + "\n".join(lines)) from e
+        raise ConfigError(f"{source}: invalid {what} config\n{field_errors(e)}") from e
+
+
+def field_errors(e: ValidationError) -> str:
+    """One line per problem, each naming its field: pydantic's own text adds links and
+    input dumps a user does not need."""
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 class _Frozen(BaseModel):

@@ -147,7 +147,9 @@ def load_task(ref: str | Path, zoo_dir: Path | None = None) -> TaskSpec:
     try:
         return TaskSpec.model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"{path}: invalid task: {e}") from e
+        from evomerge.config import field_errors
+
+        raise ValueError(f"{path}: invalid task file\n{field_errors(e)}") from e
 
 
 def save_task(spec: TaskSpec, path: Path) -> None:
