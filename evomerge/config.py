@@ -151,7 +151,10 @@ class OptimizerConfig(_Frozen):
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="CMA-ES's random seed")
     population: int | None = Field(
-        None, ge=2, le=MAX_COUNT, description="default 4 + floor(3 ln n)"
+        None,
+        ge=4,  # below 4, CMA-ES's rank-mu update has no weight and divides by zero
+        le=MAX_COUNT,
+        description="default 4 + floor(3 ln n)",
     )
     sigma0: float | None = Field(None, gt=0, description="default 1/6 of each range")
 

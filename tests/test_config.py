@@ -39,6 +39,7 @@ def test_snapshot_round_trips():
         ("budget: {trials: -3}", "budget.trials"),
         ("budget: {trials: 1e29}", "budget.trials"),
         ("optimizer: {seed: -1}", "optimizer.seed"),
+        ("optimizer: {population: 3}", "optimizer.population"),
         ("workers: {count: two}", "workers.count"),
         ("sources: [zoo:a, zoo:a]", "sources repeat"),
         ("colour: blue", "colour"),
