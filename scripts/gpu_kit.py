@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 # What the GPU checks import (benchmarks.scale, benchmarks.gpu_workers, tests/test_placement.py
 # and the study path: Ray actors, Optuna's CMA-ES, SQLite through SQLAlchemy) that the
-# 'cuda' image lacks (its package list: the device tool's KINDS.md), and transformers, whose
-# image version is older than the lock's. Found by importing them in a venv holding only
-# that image's packages (`scripts/gpu_check.sh --rehearse` does it on the CPU).
+# 'cuda' image lacks (its package list: the device tool's KINDS.md). Its own transformers
+# (5.17, older than the lock's) serves: found by running the checks in a venv holding only
+# that image's packages and versions (`scripts/gpu_check.sh --rehearse`, on the CPU).
 CARRY = (
     "alembic",
     "annotated-types",
