@@ -115,7 +115,9 @@ def _task_problems(config: StudyConfig) -> list[Problem]:
 def _storage_problems(url: str) -> list[Problem]:
     """SQLite: an existing database takes a write (rolled back: nothing stays written); a new
     one needs a folder it can be created in."""
-    from storage.db import make_engine, masked, sqlite_file, transaction
+    from storage import StorageLockedError
+    from storage.db import DEFAULT_BUSY_TIMEOUT_S, make_engine, masked, sqlite_file, transaction
+    from storage.errors import translated
 
     try:
         db = sqlite_file(url)
@@ -133,11 +135,12 @@ def _storage_problems(url: str) -> list[Problem]:
     engine = None
     try:
         engine = make_engine(url)
-        with transaction(engine, write=True) as conn:
+        with translated(url, DEFAULT_BUSY_TIMEOUT_S), transaction(engine, write=True) as conn:
             conn.exec_driver_sql("CREATE TABLE evomerge_preflight_probe (x INTEGER)")
             conn.rollback()
     except Exception as e:
-        state = "locked by another connection" if "locked" in _reason(e) else "read-only"
+        locked = isinstance(e, StorageLockedError)  # the store's own classification
+        state = "locked by another connection" if locked else "read-only"
         return [Problem("storage", f"{masked(url)} is {state}: {_reason(e)}")]
     finally:
         if engine is not None:

@@ -39,23 +39,21 @@ def _open_store(url: str, *, create: bool = True):
     from storage import StorageError, Store
     from storage.db import masked, sqlite_file
 
-    try:
+    with _storage_errors():
         db = None if create else sqlite_file(url)
-    except StorageError as e:
-        raise fail(str(e), 2) from e
-    if db is not None and not db.exists():
-        raise fail(
-            f"no database at {db} (check --storage or EVOMERGE_STORAGE; `evomerge run` "
-            "creates one)",
-            2,
-        )
-    try:
-        store = Store(url)
-        store.migrate()
-    except StorageError as e:
-        raise fail(str(e), 2) from e
-    except Exception as e:
-        raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
+        if db is not None and not db.exists():
+            raise fail(
+                f"no database at {db} (check --storage or EVOMERGE_STORAGE; `evomerge run` "
+                "creates one)",
+                2,
+            )
+        try:
+            store = Store(url)
+            store.migrate()
+        except StorageError:
+            raise  # its message names the URL already
+        except Exception as e:
+            raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
     return store
 
 
