@@ -154,7 +154,6 @@ class TensorSlot:
     shape: torch.Size
     part: str | int
     raw: list[torch.Tensor]  # flat [base, source_1, ...] as the placement holds them
-    store: torch.dtype  # the dtype base and task vectors are rounded to (float32: exact)
     l1: torch.Tensor  # float64 [S]
     gram: torch.Tensor  # float64 [S + 1, S + 1]
     grid: MagnitudeGrid
@@ -170,8 +169,7 @@ class TensorSlot:
 
     def piece(self, row: int, start: int, stop: int) -> torch.Tensor:
         """Float32 task vector `row` at elements start..stop."""
-        d = self.raw[row + 1][start:stop].float() - self.raw[0][start:stop].float()
-        return d if self.store == torch.float32 else d.to(self.store).float()
+        return self.raw[row + 1][start:stop].float() - self.raw[0][start:stop].float()
 
     def span(
         self,
@@ -181,11 +179,10 @@ class TensorSlot:
         rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 base [c] and the task vectors of `rows` (default: every source)
-        [len(rows), c] of elements start..stop, formed in `into` (dtype `store`, at least
+        [len(rows), c] of elements start..stop, formed in `into` (float32, at least
         (len(rows) + 1) x c elements) when given; only those rows are formed."""
         picked = self.raw[1:] if rows is None else [self.raw[r + 1] for r in rows]
-        b, tv = _form([r[start:stop] for r in (self.raw[0], *picked)], self.store, into)
-        return b.float(), tv.float()
+        return _form([r[start:stop] for r in (self.raw[0], *picked)], into)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,41 +204,36 @@ class Slots(Sequence[TensorSlot]):
     """A SourceSet's tensors in group order, each formed as a `TensorSlot` when reached:
     iterating streams them (the host placement overlaps the next copy with this merge)."""
 
-    def __init__(self, entries: tuple[TensorEntry, ...], weights: Weights, store: torch.dtype):
-        self._entries, self._weights, self._store = entries, weights, store
+    def __init__(self, entries: tuple[TensorEntry, ...], weights: Weights):
+        self._entries, self._weights = entries, weights
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __getitem__(self, i: int) -> TensorSlot:  # type: ignore[override]
         entry = self._entries[i]
-        return _slot(entry, next(self._weights.stream([entry.name])), self._store)
+        return _slot(entry, next(self._weights.stream([entry.name])))
 
     def __iter__(self) -> Iterator[TensorSlot]:
         raw = self._weights.stream([e.name for e in self._entries])
         for entry, tensors in zip(self._entries, raw, strict=True):
-            yield _slot(entry, tensors, self._store)
-
-
-def _base(raw: torch.Tensor, store: torch.dtype) -> torch.Tensor:
-    return raw.to(torch.float32).to(store)
+            yield _slot(entry, tensors)
 
 
 def _form(
-    raw: list[torch.Tensor], store: torch.dtype, into: torch.Tensor | None = None
+    raw: list[torch.Tensor], into: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base and task vectors of one tensor from its raw weights [base, source_1, ...]: the
-    float32 difference (exact for bf16/fp16 weights), stored as `store`, in the flat `into`
-    (dtype `store`, at least len(raw) x numel elements) or new memory. A float32 weight is
-    used where it is, never copied."""
+    """Float32 base and task vectors of one tensor from its raw weights [base, source_1,
+    ...] (the difference of two bf16/fp16 weights is exact in float32), in the flat float32
+    `into` (at least len(raw) x numel elements) or new memory. A float32 weight is used where
+    it is, never copied."""
     n = raw[0].numel()
-    flat = into[: len(raw) * n] if into is not None else raw[0].new_empty(len(raw) * n, dtype=store)
+    flat = (
+        into[: len(raw) * n]
+        if into is not None
+        else raw[0].new_empty(len(raw) * n, dtype=torch.float32)
+    )
     tv = flat[n:].view(len(raw) - 1, n)
-    if store != torch.float32:  # the differences in float32, then rounded to `store`
-        b32 = raw[0].to(torch.float32)
-        for i, r in enumerate(raw[1:]):
-            torch.sub(r.to(torch.float32), b32, out=tv[i])
-        return flat[:n].copy_(b32), tv
     b = raw[0] if raw[0].dtype == torch.float32 else flat[:n].copy_(raw[0])
     for i, r in enumerate(raw[1:]):
         if r.dtype == torch.float32:
@@ -252,24 +244,22 @@ def _form(
 
 
 def _buffered(
-    names: Sequence[str], weights: Weights, store: torch.dtype
+    names: Sequence[str], weights: Weights
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
     """Each tensor's raw weights in turn, with one buffer to form them whole in (the
     statistics pass), which the next tensor reuses: a fresh float32 temporary per tensor
     costs the CPU a page fault per 4 KiB it touches. The buffer grows to the largest tensor
     (the embedding, first in group order), the peak a tensor-by-tensor pass has anyway."""
-    into = torch.empty(0, dtype=store)
+    into = torch.empty(0)
     for raw in weights.stream(names):
         if into.numel() < len(raw) * raw[0].numel():
-            into = raw[0].new_empty(len(raw) * raw[0].numel(), dtype=store)
+            into = raw[0].new_empty(len(raw) * raw[0].numel(), dtype=torch.float32)
         yield raw, into
 
 
-def _slot(entry: TensorEntry, raw: list[torch.Tensor], store: torch.dtype) -> TensorSlot:
+def _slot(entry: TensorEntry, raw: list[torch.Tensor]) -> TensorSlot:
     s = entry.stats
-    return TensorSlot(
-        entry.name, entry.shape, entry.part, raw, store, s.l1, s.gram, s.grid, entry.cache
-    )
+    return TensorSlot(entry.name, entry.shape, entry.part, raw, s.l1, s.gram, s.grid, entry.cache)
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,7 +274,6 @@ class SourceSet:
     device: torch.device
     entries: tuple[TensorEntry, ...]
     weights: Weights
-    store: torch.dtype
 
     @property
     def placement(self) -> Placement:
@@ -292,7 +281,7 @@ class SourceSet:
 
     @property
     def slots(self) -> Slots:
-        return Slots(self.entries, self.weights, self.store)
+        return Slots(self.entries, self.weights)
 
     @classmethod
     def load(
@@ -303,14 +292,12 @@ class SourceSet:
         names: Sequence[str] | None = None,
         base_name: str | None = None,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype | None = None,
         placement: Placement | str = Placement.DEVICE,
     ) -> SourceSet:
         """Load and check checkpoints; `names` and `base_name` are the references recipes use
         for the sources and the base (default: the str of each path).
 
-        `dtype` is the dtype of the base and task vectors a build forms (default float32, in
-        which the difference of two bf16/fp16 weights is exact). `placement`: see
+        `placement`: see
         `evomerge.placement`. The statistics come from the on-disk cache when these
         checkpoints were loaded before; else one pass computes them and checks every weight.
         """
@@ -320,7 +307,6 @@ class SourceSet:
         base_name = str(base) if base_name is None else base_name
         if len(set(names)) != len(names) or base_name in names:
             raise ValueError(f"model names repeat: base {base_name!r}, sources {list(names)}")
-        store = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
         base_ckpt = Checkpoint.open(base)
         ckpts = [Checkpoint.open(p) for p in sources]
         layout = Layout.of(base_ckpt.config)
@@ -333,10 +319,10 @@ class SourceSet:
         tensors = [name for name, _ in order]
         weights = open_weights(placement, models, tensors, device)
         files = [sorted(set(ck.files.values())) for ck in models]
-        key = stats_cache.content_key(files, store, device)
+        key = stats_cache.content_key(files, device)
         stats = stats_cache.load(key, tensors)
         if stats is None:  # then use the saved file, as the next worker will: mapped, shared
-            stats_cache.save(key, _statistics(tensors, weights, (base_name, *names), store))
+            stats_cache.save(key, _statistics(tensors, weights, (base_name, *names)))
             release_heap()  # the statistics pass's float32 temporaries
             stats = stats_cache.load(key, tensors)
         shapes = base_ckpt.shapes()
@@ -351,9 +337,7 @@ class SourceSet:
             for name, part in order
         )
         paths = {base_name: base_ckpt.path} | {n: c.path for n, c in zip(names, ckpts, strict=True)}
-        return cls(
-            base_name, names, paths, base_ckpt.config, layout, device, entries, weights, store
-        )
+        return cls(base_name, names, paths, base_ckpt.config, layout, device, entries, weights)
 
     @property
     def num_layers(self) -> int:
@@ -389,8 +373,7 @@ class SourceSet:
         raw = self.weights.stream([e.name for e in self.entries])
         with torch.no_grad():
             for entry, tensors in zip(self.entries, raw, strict=True):
-                params[entry.name].copy_(_base(tensors[0], self.store).view(entry.shape))
-        release_heap()  # the float32 copies of the base
+                params[entry.name].copy_(tensors[0].view(entry.shape))
         return model.eval().requires_grad_(False)
 
 
@@ -484,15 +467,15 @@ def check_shared_tokenizer(
 
 
 def _statistics(
-    tensors: Sequence[str], weights: Weights, models: Sequence[str], store: torch.dtype
+    tensors: Sequence[str], weights: Weights, models: Sequence[str]
 ) -> dict[str, TensorStats]:
     """One pass over every weight: refuse non-float and non-finite ones, compute statistics."""
     stats = {}
-    for name, (raw, into) in zip(tensors, _buffered(tensors, weights, store), strict=True):
+    for name, (raw, into) in zip(tensors, _buffered(tensors, weights), strict=True):
         for model, t in zip(models, raw, strict=True):
             if not t.is_floating_point():
                 raise ValueError(f"{model}: tensor {name} is {t.dtype}, not floating point")
             if not torch.isfinite(t).all():
                 raise ValueError(f"{model}: tensor {name} has NaN or inf values")
-        stats[name] = TensorStats.of(*_form(raw, store, into))
+        stats[name] = TensorStats.of(*_form(raw, into))
     return stats

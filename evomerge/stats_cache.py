@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     return cache_root() / "stats"
 
 
-def content_key(files: Sequence[Sequence[Path]], store: torch.dtype, device: torch.device) -> str:
+def content_key(files: Sequence[Sequence[Path]], device: torch.device) -> str:
     """A key for the statistics of the models whose safetensors files are `files` (base first).
 
     Not a full sha256: hashing four 7B checkpoints reads 58 GB, which is the cost the cache
@@ -38,10 +38,10 @@ def content_key(files: Sequence[Sequence[Path]], store: torch.dtype, device: tor
     fine-tunes of one base differ almost everywhere, so they differ in those samples; a file
     that only differs in bytes no sample reads would share a key, which is the price of a
     load that costs milliseconds. Paths are left out (a copy on another node hits the
-    cache); the torch version, storage dtype and device type are in, since the statistics
+    cache); the torch version and device type are in, since the statistics
     are computed there and builds read them bit for bit.
     """
-    h = hashlib.sha256(f"{FORMAT}\0{GRID}\0{torch.__version__}\0{store}\0{device.type}".encode())
+    h = hashlib.sha256(f"{FORMAT}\0{GRID}\0{torch.__version__}\0{device.type}".encode())
     for model in files:
         h.update(b"\1model")
         for file in model:

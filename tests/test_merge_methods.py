@@ -199,17 +199,29 @@ def test_bfloat16_sharded_checkpoints(tiny_llama_bf16_sharded):
         assert_same(mine, theirs, rtol=1e-2, atol=1e-5)
 
 
-def test_bfloat16_storage_is_close(tiny_llama):
-    """Base and task vectors stored in bf16 (memory) build nearly what float32 storage does."""
-    full = SourceSet.load(tiny_llama.base, tiny_llama.sources, names=NAMES, base_name="base")
-    half = SourceSet.load(
-        tiny_llama.base, tiny_llama.sources, names=NAMES, base_name="base", dtype="bfloat16"
-    )
-    tv = half.slots[0].span(0, half.slots[0].numel)[1]
-    assert torch.equal(tv, tv.to(torch.bfloat16).float())  # rounded to bf16
-    for method in ("linear", "task_arithmetic", "dare_linear"):
-        recipe = recipe_for(method, full, fixed={"density": 0.5})
-        assert_same(ours(recipe, half), ours(recipe, full), rtol=2e-2, atol=2e-3)
+def test_weighted_sums_of_bf16_weights_sum_in_float32(tiny_llama_bf16_sharded):
+    """A weighted sum reads the bf16 weights themselves (no task vectors formed), so every
+    product and sum must be float32: a float32 candidate is within float32 rounding of the
+    float64 sum, far inside one bf16 step (2^-8 relative)."""
+    fam = tiny_llama_bf16_sharded
+    sources = SourceSet.load(fam.base, fam.sources, names=NAMES[:2], base_name="base")
+    states = {"base": load_state(fam.base)} | {
+        n: load_state(p) for n, p in zip(NAMES[:2], fam.sources, strict=True)
+    }
+    slot = sources.slots[0]
+    base = states["base"][slot.name].double()
+    models = [states[n][slot.name].double() for n in NAMES[:2]]
+    for method in ("task_arithmetic", "linear"):
+        recipe = recipe_for(method, sources, sources=NAMES[:2], granularity=1)
+        plan = resolve(recipe, sources)
+        w = plan.values[plan.group_of[slot.part]]["weight"]
+        if method == "linear":
+            want = sum(wi * m for wi, m in zip(w, models, strict=True)) / sum(w)
+        else:
+            want = base + sum(wi * (m - base) for wi, m in zip(w, models, strict=True))
+        mine = ours(recipe, sources)[slot.name]
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine.double(), want, rtol=1e-6, atol=1e-7)
 
 
 # --- random sparsification -------------------------------------------------------------

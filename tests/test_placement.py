@@ -34,15 +34,15 @@ class WholeSlot(TensorSlot):
 
     @cached_property
     def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _form(self.raw, self.store)
+        return _form(self.raw)
 
     def piece(self, row: int, start: int, stop: int) -> torch.Tensor:
-        return self.whole[1][row, start:stop].float()
+        return self.whole[1][row, start:stop]
 
     def span(self, start: int, stop: int, into=None, rows=None) -> tuple[torch.Tensor, ...]:
         b, tv = self.whole
         tv = tv if rows is None else tv[list(rows)]
-        return b[start:stop].float(), tv[:, start:stop].float()
+        return b[start:stop], tv[:, start:stop]
 
 
 def resident_build(recipe: Recipe, sources: SourceSet) -> dict[str, torch.Tensor]:

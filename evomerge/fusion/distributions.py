@@ -51,7 +51,7 @@ def cache_path(model: Path, corpus: Path, k: int, max_length: int) -> Path:
     if not files:
         raise FileNotFoundError(f"{model}: no safetensors weights")
     h = hashlib.sha256(f"{FORMAT}\0{k}\0{max_length}\0".encode())
-    h.update(content_key([files], torch.float32, torch.device("cpu")).encode())
+    h.update(content_key([files], torch.device("cpu")).encode())
     h.update(hashlib.sha256(corpus.read_bytes()).digest())
     h.update(AutoTokenizer.from_pretrained(model).backend_tokenizer.to_str().encode())
     return cache_root() / "fusion" / f"{h.hexdigest()[:24]}.safetensors"

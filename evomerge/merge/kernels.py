@@ -35,40 +35,39 @@ def chunks(n: int, size: int = CHUNK):
 
 def span_buffer(slot: TensorSlot, size: int) -> torch.Tensor:
     """A buffer for `slot.span` of up to `size` elements, reused by every span of a pass."""
-    return torch.empty(len(slot.raw) * min(size, slot.numel), dtype=slot.store, device=slot.device)
+    return torch.empty(len(slot.raw) * min(size, slot.numel), device=slot.device)
 
 
-def _weighted_sum(
-    b: torch.Tensor, tv: torch.Tensor, c_base: float, terms: list, out: torch.Tensor
-) -> None:
-    """out = c_base * b + sum of c * tv[r] over `terms` (r, c), in len(terms) passes."""
-    if c_base == 1 and terms:
-        (r, c), *terms = terms
-        torch.add(b, tv[r], alpha=c, out=out)
-    else:
-        torch.mul(b, c_base, out=out)
-    for r, c in terms:
-        out.add_(tv[r], alpha=c)
+def combine(slot: TensorSlot, out: torch.Tensor, coef: list[float]) -> None:
+    """out = sum_m coef[m] * x_m over the raw weights x = [base, source_1, ...], in float32,
+    span by span, then cast to the candidate's dtype.
 
-
-def combine(slot: TensorSlot, out: torch.Tensor, c_base: float, coef: list[float]) -> None:
-    """out = c_base * base + sum_r coef[r] * tv[r], span by span: each weight is read once
-    and no task vector is written out, so a weighted sum moves what a copy of its inputs
-    and output would. A chain of in-place adds streams better than one addmm (whose
+    A weighted sum of task vectors is one of the models (b + sum c_r (x_r - b) is
+    (1 - sum c_r) b + sum c_r x_r; `model_coefficients` turns one into the other), so it
+    forms no task vector: one pass over each span per nonzero term, each reading one model's
+    weights, where forming them first took 2S + 1 (issue 4's floor of twice the copy is met
+    only so on the CPU). A chain of in-place adds streams better than one addmm (whose
     packing costs a copy)."""
-    terms = [(r, c) for r, c in enumerate(coef) if c != 0]
-    size = steps(CHUNK, slot.device)
-    into = span_buffer(slot, size)
+    terms = [(slot.raw[m], c) for m, c in enumerate(coef) if c != 0]
+    if not terms:
+        out.zero_()
+        return
+    (first, c0), *rest = terms
+    size = steps(SCAN, slot.device)  # one accumulator, like a scan: longer steps stream better
     part = (
         None
         if out.dtype == torch.float32
         else torch.empty(min(size, slot.numel), device=out.device)
     )
     for start, stop in chunks(slot.numel, size):
-        b, tv = slot.span(start, stop, into)
         dst = out[start:stop] if part is None else part[: stop - start]
-        _weighted_sum(b, tv, c_base, terms, dst)
-        if part is not None:
+        if first.dtype == torch.float32:
+            torch.mul(first[start:stop], c0, out=dst)
+        else:  # widen first: a bf16 product would round to bf16
+            dst.copy_(first[start:stop]).mul_(c0)
+        for x, c in rest:
+            dst.add_(x[start:stop], alpha=c)  # float32 += any float: summed in float32
+        if part is not None:  # an add with a bf16 output takes torch's slow mixed-dtype loop
             out[start:stop].copy_(dst)
 
 

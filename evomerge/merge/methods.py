@@ -80,12 +80,16 @@ def _column(values: list, device: torch.device) -> torch.Tensor:
     return col.view(-1, 1)
 
 
-def _coefficients(slot: TensorSlot, rows, weights) -> list[float]:
-    """Per task-vector row coefficients from per-model weights (the base, row None, has none)."""
-    coef = [0.0] * (len(slot.raw) - 1)
+def model_coefficients(
+    slot: TensorSlot, rows, weights, *, task_vectors: bool = False
+) -> list[float]:
+    """Per raw weight [base, source_1, ...] coefficients of sum_i weights[i] * model(rows[i])
+    (row None: the base), or with `task_vectors` of base + sum_i weights[i] * tv(rows[i])."""
+    coef = [0.0] * len(slot.raw)
     for row, w in zip(rows, weights, strict=True):
-        if row is not None:
-            coef[row] += w
+        coef[0 if row is None else row + 1] += w
+    if task_vectors:  # b + sum c_r (x_r - b) = (1 - sum c_r) b + sum c_r x_r
+        coef[0] += 1.0 - sum(coef)
     return coef
 
 
@@ -104,8 +108,7 @@ class Linear(MergeMethod):
     def merge(self, job: TensorJob) -> None:
         w = job.values["weight"]
         div = sum(w) if job.options["normalize"] else 1.0
-        coef = _coefficients(job.slot, job.rows, [x / div for x in w])
-        combine(job.slot, job.out, sum(w) / div, coef)
+        combine(job.slot, job.out, model_coefficients(job.slot, job.rows, [x / div for x in w]))
 
 
 class Slerp(MergeMethod):
@@ -139,8 +142,8 @@ class Slerp(MergeMethod):
             theta = math.acos(dot)
             ca = math.sin((1 - t) * theta) / math.sin(theta)
             cb = math.sin(t * theta) / math.sin(theta)
-        coef = _coefficients(job.slot, (job.base_row, job.rows[0]), (ca, cb))
-        combine(job.slot, job.out, ca + cb, coef)
+        coef = model_coefficients(job.slot, (job.base_row, job.rows[0]), (ca, cb))
+        combine(job.slot, job.out, coef)
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -191,8 +194,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
         total = sum(w)
         if not self.consensus and not any(pruned):
             div = total if normalize and abs(total) >= 1e-8 else 1.0
-            coef = _coefficients(job.slot, job.rows, [x / div * lam for x in w])
-            combine(job.slot, job.out, 1.0, coef)
+            c = [x / div * lam for x in w]
+            combine(job.slot, job.out, model_coefficients(job.slot, job.rows, c, task_vectors=True))
             return
         rescale = bool(job.options.get("rescale", False))
         keeps = [self._keep(job, i, rescale) if p else None for i, p in enumerate(pruned)]
@@ -263,7 +266,8 @@ class ModelStock(MergeMethod):
         if not job.options["filter_wise"]:
             idx = [r + 1 for r in rows]
             t = float(_stock_ratio(slot.gram[idx][:, idx]))
-            combine(slot, job.out, 1.0, _coefficients(slot, rows, [t / k] * k))
+            coef = model_coefficients(slot, rows, [t / k] * k, task_vectors=True)
+            combine(slot, job.out, coef)
             return
         cols = slot.shape[-1] if len(slot.shape) >= 2 else slot.numel
         step = max(1, steps(SCAN, slot.device) // cols)
