@@ -64,6 +64,8 @@ def summary_select() -> sa.Select[tuple[object, ...]]:
         sa.select(
             trials.c.study_id,
             sa.func.count().filter(trials.c.state != "RUNNING").label("trials_done"),
+            sa.func.count().filter(trials.c.state == "COMPLETE").label("trials_complete"),
+            sa.func.count().filter(trials.c.state == "FAIL").label("trials_failed"),
             sa.func.count().filter(trials.c.state == "RUNNING").label("trials_running"),
             sa.func.max(trials.c.fitness)
             .filter(trials.c.state == "COMPLETE")
@@ -89,6 +91,8 @@ def summary_select() -> sa.Select[tuple[object, ...]]:
         sa.select(
             studies,
             sa.func.coalesce(t.c.trials_done, 0).label("trials_done"),
+            sa.func.coalesce(t.c.trials_complete, 0).label("trials_complete"),
+            sa.func.coalesce(t.c.trials_failed, 0).label("trials_failed"),
             sa.func.coalesce(t.c.trials_running, 0).label("trials_running"),
             t.c.best_fitness,
             t.c.last_trial_started,

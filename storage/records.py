@@ -26,7 +26,9 @@ class StudySummary:
     optuna_study_name: str
     status: str
     budget_trials: int | None
-    trials_done: int
+    trials_done: int  # finished, whatever the outcome
+    trials_complete: int  # of those, COMPLETE: what the budget counts
+    trials_failed: int
     trials_running: int
     best_fitness: float | None
     stop_request: str | None

@@ -269,6 +269,8 @@ class Store:
                     status=status,
                     budget_trials=row.budget_trials,
                     trials_done=row.trials_done,
+                    trials_complete=row.trials_complete,
+                    trials_failed=row.trials_failed,
                     trials_running=row.trials_running,
                     best_fitness=row.best_fitness,
                     stop_request=row.stop_request,

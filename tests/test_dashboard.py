@@ -85,7 +85,7 @@ def test_studies_list_shows_status_progress_and_best(client: TestClient, filled:
     with Store(filled) as store:
         best = store.best("ties-done", top=1)[0].fitness
     row = re.search(r"ties-done</a></td>(.*?)</tr>", page, re.S).group(1)
-    assert "finished" in row and "120 / 120" in row
+    assert "finished" in row and "120 / 120" in row and "(9 failed)" in row
     assert f"{best:.4f}" in row
     live = re.search(r"ties-live</a></td>(.*?)</tr>", page, re.S).group(1)
     assert "running" in live and "20 / 100" in live

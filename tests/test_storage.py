@@ -22,7 +22,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.pool import NullPool
+from typer.testing import CliRunner
 
+from evomerge.cli import app
 from evomerge.recipe import Recipe
 from storage import (
     LeaseLostError,
@@ -307,8 +309,12 @@ def test_studies_and_summaries(store: Store) -> None:
     store.record_trial_started("a", run_id, 3, 1, recipe(), "w0")
     a, b = store.list_studies()
     assert (a.name, a.status, a.trials_done, a.trials_running) == ("a", "running", 3, 1)
+    assert (a.trials_complete, a.trials_failed) == (2, 1)
     assert (a.budget_trials, a.best_fitness, a.stop_request) == (5, 0.5, None)
     assert a.last_activity >= a.last_heartbeat >= a.created_at
+    shown = CliRunner().invoke(app, ["status", "--storage", store.url], env={"COLUMNS": "200"})
+    row = next(line for line in shown.output.splitlines() if " a " in line)
+    assert [c.strip() for c in row.split("│")[3:5]] == ["2/5", "1"], shown.output  # of the budget
     assert (b.name, b.status, b.trials_done, b.best_fitness, b.budget_trials) == (
         "b",
         "created",

@@ -260,13 +260,14 @@ def status(
         out = {"studies": [_plain(r) for r in rows], "runs": [_plain(r) for r in runs]}
         console.print_json(json.dumps(out, default=str))
         return
-    table = Table("study", "status", "trials", "best", "last activity")
+    table = Table("study", "status", "complete/budget", "failed", "best", "last activity")
     for r in rows:
         best = "-" if r.best_fitness is None else f"{r.best_fitness:.4f}"
         table.add_row(
             r.name,
             r.status,
-            f"{r.trials_done}/{r.budget_trials}",
+            f"{r.trials_complete}/{r.budget_trials}",
+            str(r.trials_failed),
             best,
             str(r.last_activity or "-"),
         )
