@@ -74,8 +74,9 @@ PARAMS = {
 }
 NOTES = [
     "",
-    "Notes: weighted sums (linear, task_arithmetic, slerp, model_stock) take their "
-    "coefficients from per-tensor Gram statistics and stream into the candidate. TIES-style "
+    "Notes: weighted sums (linear, task_arithmetic, slerp, model_stock) sum the models' own "
+    "weights, forming no task vector (SLERP and model stock take their coefficients from "
+    "per-tensor Gram statistics). TIES-style "
     "top-k thresholds come from per-tensor magnitude rank grids (at most one scan, no sort). "
     "DARE's rescale reads a per-seed table of kept L1 by random draw, built by the first candidate "
     "of a seed (the warm-up here) and reused by the rest of a study. DELLA ranks every row "
