@@ -2,8 +2,9 @@
 
 A method that is a weighted sum of the base and the task vectors (linear, task arithmetic,
 SLERP, model stock, and any task-arithmetic variant at density 1 without sign consensus)
-computes its coefficients from per-tensor statistics and streams them into the candidate
-(`combine`). The sparsifying and sign-electing methods run one fused, chunked pass per
+is a weighted sum of the models: it sums their own weights into the candidate with one
+coefficient a model (SLERP's and model stock's from per-tensor statistics), forming no task
+vector (`combine`). The sparsifying and sign-electing methods run one fused, chunked pass per
 tensor. Neither waits for the device: numbers from statistics are read on the host, and
 what depends on the data (top-k thresholds, kept norms) stays a tensor where it is.
 """
