@@ -59,7 +59,8 @@ def build_part(root: Path, reps: int) -> list[str]:
     n_params = sum(e.numel for e in sources.entries)
     lines = [
         f"Build: {n_params / 1e6:.0f}M parameters, base + 3 sources (bf16 checkpoints, kept "
-        f"in bf16 on the GPU, task vectors formed per tensor in float32), candidate bf16; "
+        f"in bf16 on the GPU, task vectors formed span by span in float32 where a method needs "
+        f"them), candidate bf16; "
         f"SourceSet load "
         f"{load_s:.1f} s; GPU memory after load {torch.cuda.memory_allocated() / 2**30:.2f} GiB.",
         "",

@@ -116,7 +116,8 @@ def usage(m: dict[str, int], m0: dict[str, int], n: int) -> dict[str, float]:
 
 def streamer(sources, model):
     """The build's path without its maths: form every span's float32 base and task vectors
-    from the placement's weights, as a build does, and write the base into the candidate."""
+    from the placement's weights, as a sparsifying build does (a weighted sum forms none), and
+    write the base into the candidate."""
     from evomerge.merge.kernels import CHUNK, chunks, span_buffer, steps
 
     params = dict(model.named_parameters(remove_duplicate=False))

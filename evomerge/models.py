@@ -143,11 +143,11 @@ class TensorSlot:
     """One tensor as the merge engine sees it: its raw weights and statistics.
 
     Its base and task vectors are formed span by span as a pass reads them (`span`, `piece`),
-    never whole: a weighted sum or a DARE pass reads each weight once and writes only the
-    candidate, and a TIES scan forms one source's span at a time. `gram` holds the float64
-    dot products of (base, tv_1, ..., tv_S); `grid` the magnitude order statistics of each
-    task vector; `cache` what the merge engine derives on first use (tables of a random
-    stream, say), kept in files beside the statistics.
+    never whole: a DARE pass reads each weight once and writes only the candidate, a TIES
+    scan forms one source's span at a time, and a weighted sum forms none (it sums `raw`).
+    `gram` holds the float64 dot products of (base, tv_1, ..., tv_S); `grid` the magnitude
+    order statistics of each task vector; `cache` what the merge engine derives on first use
+    (tables of a random stream, say), kept in files beside the statistics.
     """
 
     name: str

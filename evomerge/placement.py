@@ -4,7 +4,8 @@
 stays 2 bytes a parameter). `host`: nothing private at all; the safetensors files are
 mapped read-only, so their pages live once in the node's page cache, shared by every
 worker of the node, and a build streams them to the device tensor by tensor. Either way a
-build forms the float32 task vectors span by span as it reads them, never a whole tensor's.
+build never forms a whole tensor's float32 task vectors: a weighted sum forms none, and the
+other methods form them span by span as they read them.
 """
 
 from __future__ import annotations

@@ -41,7 +41,11 @@ def content_key(files: Sequence[Sequence[Path]], device: torch.device) -> str:
     cache); the torch version and device type are in, since the statistics
     are computed there and builds read them bit for bit.
     """
-    h = hashlib.sha256(f"{FORMAT}\0{GRID}\0{torch.__version__}\0{device.type}".encode())
+    # "torch.float32": task vectors' dtype, once a choice; kept so that existing caches (and
+    # fusion's distributions, keyed on this) stay valid
+    h = hashlib.sha256(
+        f"{FORMAT}\0{GRID}\0{torch.__version__}\0torch.float32\0{device.type}".encode()
+    )
     for model in files:
         h.update(b"\1model")
         for file in model:

@@ -288,7 +288,7 @@ def test_exclusively_locked_sqlite_file_refuses_to_open(tmp_path: Path) -> None:
 # Studies and stop requests
 
 
-def test_studies_and_summaries(store: Store) -> None:
+def test_studies_and_summaries(store: Store, db_url: str) -> None:
     add_study(store, "a", budget=5)
     with pytest.raises(StudyExistsError, match="'a' already exists"):
         add_study(store, "a")
@@ -312,7 +312,8 @@ def test_studies_and_summaries(store: Store) -> None:
     assert (a.trials_complete, a.trials_failed) == (2, 1)
     assert (a.budget_trials, a.best_fitness, a.stop_request) == (5, 0.5, None)
     assert a.last_activity >= a.last_heartbeat >= a.created_at
-    shown = CliRunner().invoke(app, ["status", "--storage", store.url], env={"COLUMNS": "200"})
+    shown = CliRunner().invoke(app, ["status", "--storage", db_url], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
     row = next(line for line in shown.output.splitlines() if " a " in line)
     assert [c.strip() for c in row.split("│")[3:5]] == ["2/5", "1"], shown.output  # of the budget
     assert (b.name, b.status, b.trials_done, b.best_fitness, b.budget_trials) == (

@@ -266,7 +266,7 @@ def status(
         table.add_row(
             r.name,
             r.status,
-            f"{r.trials_complete}/{r.budget_trials}",
+            f"{r.trials_complete}/{'-' if r.budget_trials is None else r.budget_trials}",
             str(r.trials_failed),
             best,
             str(r.last_activity or "-"),

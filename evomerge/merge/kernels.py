@@ -35,7 +35,9 @@ def chunks(n: int, size: int = CHUNK):
 
 def span_buffer(slot: TensorSlot, size: int) -> torch.Tensor:
     """A buffer for `slot.span` of up to `size` elements, reused by every span of a pass."""
-    return torch.empty(len(slot.raw) * min(size, slot.numel), device=slot.device)
+    return torch.empty(
+        len(slot.raw) * min(size, slot.numel), dtype=torch.float32, device=slot.device
+    )
 
 
 def combine(slot: TensorSlot, out: torch.Tensor, coef: list[float]) -> None:
@@ -45,8 +47,8 @@ def combine(slot: TensorSlot, out: torch.Tensor, coef: list[float]) -> None:
     A weighted sum of task vectors is one of the models (b + sum c_r (x_r - b) is
     (1 - sum c_r) b + sum c_r x_r; `model_coefficients` turns one into the other), so it
     forms no task vector: one pass over each span per nonzero term, each reading one model's
-    weights, where forming them first took 2S + 1 (issue 4's floor of twice the copy is met
-    only so on the CPU). A chain of in-place adds streams better than one addmm (whose
+    weights, where forming them first took 2S + 1 (on the CPU, issue 4's floor of twice the
+    copy is met only this way). A chain of in-place adds streams better than one addmm (whose
     packing costs a copy)."""
     terms = [(slot.raw[m], c) for m, c in enumerate(coef) if c != 0]
     if not terms:
@@ -57,7 +59,7 @@ def combine(slot: TensorSlot, out: torch.Tensor, coef: list[float]) -> None:
     part = (
         None
         if out.dtype == torch.float32
-        else torch.empty(min(size, slot.numel), device=out.device)
+        else torch.empty(min(size, slot.numel), dtype=torch.float32, device=out.device)
     )
     for start, stop in chunks(slot.numel, size):
         dst = out[start:stop] if part is None else part[: stop - start]

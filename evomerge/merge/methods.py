@@ -90,7 +90,9 @@ def model_coefficients(
     for row, w in zip(rows, weights, strict=True):
         coef[0 if row is None else row + 1] += w
     if task_vectors:  # b + sum c_r (x_r - b) = (1 - sum c_r) b + sum c_r x_r
-        coef[0] += 1.0 - sum(coef)
+        rest = 1.0 - math.fsum(coef)
+        # normalized weights leave ~1e-16 here, which would cost a pass over the base
+        coef[0] += 0.0 if abs(rest) <= 1e-12 * math.fsum(map(abs, coef)) else rest
     return coef
 
 
