@@ -16,6 +16,7 @@ import mmap
 import warnings
 from collections.abc import Iterator, Sequence
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -76,6 +77,14 @@ class HostWeights(Weights):
             return
         yield from self._cuda_stream(names)
 
+    @cached_property
+    def _side(self) -> torch.cuda.Stream:
+        """The one stream every build copies on. The caching allocator reuses a freed block
+        only on the stream it was allocated on: a new pooled stream per build would leave
+        each build's staged tensors cached for a stream the next build does not use, and
+        the worker's reserved memory would grow build after build."""
+        return torch.cuda.Stream(self.device)
+
     def _cuda_stream(self, names: Sequence[str]) -> Iterator[list[torch.Tensor]]:
         """Copy tensor i + 1 on a side stream while the device merges tensor i: each source
         is staged in pinned memory (torch's caching host allocator reuses the buffers).
@@ -84,7 +93,7 @@ class HostWeights(Weights):
         after tensor into new memory; before staging i + 1 it waits until the merge of
         i - 1 is done, which keeps two tensors on the device and the device busy.
         """
-        side = torch.cuda.Stream(self.device)
+        side = self._side
         main = torch.cuda.current_stream(self.device)
 
         def start(name: str) -> tuple[list[torch.Tensor], torch.cuda.Event]:

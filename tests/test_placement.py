@@ -177,6 +177,21 @@ def test_a_gpu_build_never_synchronizes(placement, tiny_family):
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_host_builds_keep_cuda_reserved_memory_flat(tiny_family):
+    """Build after build, the host placement's staged copies reuse the allocator's blocks:
+    what the worker reserves on its GPU stops growing after the first builds."""
+    sources = _load(tiny_family.base, tiny_family.sources, Placement.HOST, device="cuda")
+    recipe = recipe_for("ties", sources, fixed={"density": 0.6}, seed=3)
+    model = sources.new_model(recipe.dtype)
+    reserved = []
+    for _ in range(8):
+        build(recipe, sources, model)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[2:] == [reserved[2]] * 6, reserved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_every_placement_builds_the_same_bits_on_bf16_shards(
@@ -237,6 +252,27 @@ def _mapped_file(address: int) -> str:
         if start <= address < stop:
             return fields[5] if len(fields) == 6 else ""
     raise AssertionError(f"{address:#x} is not mapped")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_build_streams_each_tensor_once(placement, device, tiny_llama, monkeypatch):
+    """A build reads every tensor's weights once, the merge's own read: with the host
+    placement on a GPU each read is a copy of every source to the device."""
+    sources = _load(tiny_llama.base, tiny_llama.sources, placement, device=device)
+    streamed = []
+    stream = sources.weights.stream
+
+    def counted(names):
+        for name, tensors in zip(names, stream(names), strict=True):
+            streamed.append(name)
+            yield tensors
+
+    recipe = recipe_for("ties", sources, fixed={"density": 0.5})
+    model = sources.new_model(recipe.dtype)
+    monkeypatch.setattr(sources.weights, "stream", counted)
+    build(recipe, sources, model)
+    assert streamed == [e.name for e in sources.entries]
 
 
 def test_host_placement_maps_the_files_and_copies_nothing(tiny_llama):

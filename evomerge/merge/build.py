@@ -163,11 +163,14 @@ def resolve(recipe: Recipe, sources: SourceSet) -> Plan:
 
 
 def _targets(recipe: Recipe, sources: SourceSet, into: torch.nn.Module) -> list[torch.Tensor]:
-    """The flat storage of each merged tensor in `into`, checked before anything is written."""
+    """The flat storage of each merged tensor in `into`, checked before anything is written.
+
+    Checked against the entries, never the slots: iterating those streams the weights (with
+    the host placement on a GPU, a copy of every source to the device)."""
     params = dict(into.named_parameters(remove_duplicate=False))
     dtype = DTYPES[recipe.dtype]
     out = []
-    for slot in sources.slots:
+    for slot in sources.entries:
         p = params.get(slot.name)
         if p is None:
             raise ValueError(f"into: the model has no parameter {slot.name}")
