@@ -377,10 +377,12 @@ def test_random_draws_are_a_keyed_hash_of_the_index():
         assert torch.equal(u, parts)
     n = 200_000
     for p in (0.1, 0.5, 0.93):
-        frac = float(bernoulli(key, 0, p, torch.empty(n, dtype=torch.bool)).float().mean())
+        frac = float(bernoulli(key, 0, p, torch.empty(n)).mean())
         assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5
-    assert bool(bernoulli(key, 0, 1 - 1e-9, torch.empty(n, dtype=torch.bool)).all())
-    assert not bool(bernoulli(key, 0, 0.0, torch.empty(n, dtype=torch.bool)).any())
+    assert bool(bernoulli(key, 0, 1 - 1e-9, torch.empty(n)).bool().all())
+    assert not bool(bernoulli(key, 0, 0.0, torch.empty(n)).bool().any())
+    draws = uniform16(key, 7, 7 + n, cpu)  # kept: the draws below 65536 p - 32768
+    assert torch.equal(bernoulli(key, 7, 0.3, torch.empty(n)).bool(), draws < 19661 - 32768)
 
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed-shapes"])

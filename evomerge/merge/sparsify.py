@@ -128,8 +128,8 @@ class RandomKeep(Keep):
     kept_l1: Scalar
 
     def mask_(self, a: torch.Tensor, start: int) -> torch.Tensor:
-        out = torch.empty(a.shape, dtype=torch.bool, device=a.device)
-        return bernoulli(self.key, start, self.density, out).view(torch.uint8)
+        out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        return bernoulli(self.key, start, self.density, out)
 
 
 def l1_by_draw(slot: TensorSlot, row: int, key: tuple[int, int]) -> torch.Tensor:
