@@ -35,6 +35,9 @@ def anchor(ref: str, folder: Path) -> str:
     return str((folder / ref).resolve())
 
 
+EVAL_BATCH = 128  # sequences scored per forward pass, unless fitness.batch_size says
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and field."""
 
@@ -111,6 +114,13 @@ class FitnessConfig(_Frozen):
         None, gt=0, le=MAX_COUNT, description="examples per task on the search split"
     )
     heldout_limit: int | None = Field(None, gt=0, le=MAX_COUNT)
+    batch_size: int = Field(
+        EVAL_BATCH,
+        gt=0,
+        le=MAX_COUNT,
+        description="sequences a worker scores per forward pass; after an out-of-memory it "
+        "retries at half and keeps the half for its later trials",
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod

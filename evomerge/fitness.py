@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from evomerge.config import EVAL_BATCH
 from evomerge.kvcache import cache_keyword, output_cache
 from evomerge.tasks import TaskSpec, load_task
 
@@ -89,7 +90,7 @@ class Evaluator:
         split: str = "search",
         limit: int | None = None,
         zoo_dir: Path | None = None,
-        batch_size: int = 128,
+        batch_size: int = EVAL_BATCH,
         tokenizer: Any = None,
     ) -> None:
         self.tasks = [t if isinstance(t, TaskSpec) else load_task(t, zoo_dir) for t in tasks]
@@ -324,11 +325,13 @@ def greedy(
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
+                logits_to_keep=1,  # the prompt's other positions' logits: gigabytes at 7B
                 **{cache_keyword(model.forward): past},
             )
             logits = out.logits[:, -1].float()
             _check_finite(logits)
             past = output_cache(out)
+            del out  # nothing else of the step outlives it
             token = logits.argmax(-1).masked_fill(done, pad)
             new.append(token)
             done |= token == eos

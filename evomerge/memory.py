@@ -6,13 +6,12 @@ what the worker's device has free, and which placement `auto` picks.
 from __future__ import annotations
 
 import gc
-import inspect
 from dataclasses import dataclass
 
 import psutil
 import torch
 
-from evomerge.fitness import Evaluator
+from evomerge.config import EVAL_BATCH
 from evomerge.merge.kernels import CHUNK, GPU_STEPS
 from evomerge.models import DTYPES, Checkpoint
 from evomerge.placement import Placement, release_heap
@@ -20,7 +19,6 @@ from evomerge.tensor_stats import GRID
 
 MARGIN = 0.9  # plan for at most this share of what the device has free
 EVAL_TOKENS = 256  # tokens per evaluated sequence assumed (proxy prompts are short)
-EVAL_BATCH: int = inspect.signature(Evaluator).parameters["batch_size"].default
 GiB = 1 << 30
 
 
@@ -50,6 +48,7 @@ class WorkerPlan:
     available: int | None
     where: str  # what `available` measured
     asked: str  # the study's workers.sources
+    batch: int  # sequences an evaluation scores at a time (fitness.batch_size)
 
     def fits(self, placement: Placement) -> bool:
         return self.available is None or self.needs[placement].total <= MARGIN * self.available
@@ -65,7 +64,7 @@ class WorkerPlan:
         have = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
         out = [
             f"{self.params / 1e9:.2f}B parameters a model; device memory {have} ({self.where}), "
-            f"planned up to {MARGIN:.0%}",
+            f"planned up to {MARGIN:.0%}; evaluation at batch {self.batch} (fitness.batch_size)",
             f"{'GiB':<10}{'sources':>10}{'stats':>10}{'candidate':>11}{'build':>10}"
             f"{'eval':>10}{'total':>10}  fits",
         ]
@@ -91,11 +90,30 @@ class WorkerPlan:
             + (
                 pick.value
                 if pick
-                else "fits no placement (try host, a bfloat16 candidate, fewer sources "
-                "or a larger device)"
+                else "fits no placement (try host, a bfloat16 candidate, a smaller "
+                "fitness.batch_size, fewer sources or a larger device)"
             )
         )
         return out
+
+
+def evaluation_bytes(
+    config, item: int, batch: int, generate: int, likelihood: bool, hops: int
+) -> int:
+    """What scoring a batch holds beyond the weights. Likelihood tasks: a token's logits
+    (bf16, their float32 copy and log-softmax: 12 bytes a vocabulary entry) and activations.
+    Generation: each row's KV cache for the prompt and the new tokens on every layer a token
+    passes (`hops`), the prompt's activations, the last position's logits. A study with both
+    kinds needs the larger (they run one after the other)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    activations = batch * EVAL_TOKENS * 16 * config.hidden_size
+    scoring = batch * EVAL_TOKENS * 12 * config.vocab_size + activations if likelihood else 0
+    if not generate:
+        return scoring
+    kv = batch * (EVAL_TOKENS + generate) * hops * 2 * kv_heads * head_dim * item
+    return max(scoring, kv + activations + batch * 4 * config.vocab_size)
 
 
 def plan_worker(
@@ -107,8 +125,14 @@ def plan_worker(
     available: int | None,
     where: str,
     gpu: bool = False,
+    batch: int = EVAL_BATCH,
+    generate: int = 0,
+    likelihood: bool = True,
+    repeats: int = 0,
 ) -> WorkerPlan:
-    """The plan of a worker merging `sources` onto `base` and routing `routed` whole models."""
+    """The plan of a worker merging `sources` onto `base` and routing `routed` whole models
+    (`repeats`: a route's r, whose hops each keep a KV cache), scoring `batch` sequences at a
+    time, generating up to `generate` tokens (0: none) and/or scoring `likelihood` tasks."""
     merged = [Checkpoint.open(p) for p in ((base, *sources) if base else ())]
     whole = [Checkpoint.open(p) for p in routed]
     shapes = (merged or whole)[0].shapes()
@@ -120,12 +144,22 @@ def plan_worker(
         + sum(sum(torch.Size(s).numel() for s in c.shapes().values()) for c in whole) * item
     )
     config = (merged or whole)[0].config
-    evaluation = EVAL_BATCH * EVAL_TOKENS * (12 * config.vocab_size + 16 * config.hidden_size)
+    hops = config.num_hidden_layers
+    if repeats:  # a route: A's layers then B's, r times
+        hops = repeats * (hops + whole[-1].config.num_hidden_layers)
+    evaluation = evaluation_bytes(config, item, batch, generate, likelihood, hops)
     s = len(sources)
     if not merged:
         none = Need(0, 0, candidate, 0, evaluation)
         return WorkerPlan(
-            params, 0, 0, {Placement.DEVICE: none, Placement.HOST: none}, available, where, asked
+            params,
+            0,
+            0,
+            {Placement.DEVICE: none, Placement.HOST: none},
+            available,
+            where,
+            asked,
+            batch,
         )
     files = sum(c.nbytes() for c in merged)
     # L1 norms, Gram matrices and magnitude grids stay on the host (the host reads them, and
@@ -146,7 +180,7 @@ def plan_worker(
         Placement.DEVICE: Need(files, own, candidate, formed, evaluation),
         Placement.HOST: Need(0, own, candidate, formed + staged, evaluation),
     }
-    return WorkerPlan(params, files, grids + tables - own, needs, available, where, asked)
+    return WorkerPlan(params, files, grids + tables - own, needs, available, where, asked, batch)
 
 
 def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[int | None, str]:
@@ -162,11 +196,16 @@ def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[i
     return available // workers, f"host memory available, shared by {workers} worker(s)"
 
 
+# What torch's CPU allocator and cuBLAS (its workspace, on a full GPU) say when an
+# allocation fails: both raise a plain RuntimeError, not torch.OutOfMemoryError.
+_OOM_TEXTS = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def out_of_memory(e: BaseException) -> bool:
-    """Is `e` an allocation failure? torch's CPU allocator raises a plain RuntimeError."""
+    """Is `e` an allocation failure?"""
     if isinstance(e, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS)
 
 
 def release() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoConfig
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -23,8 +24,8 @@ from evomerge.placement import Placement
 from tests.fixtures_models import NAMES
 
 
-def _config(tmp_path, fam, **workers) -> str:
-    cfg = {
+def _config(tmp_path, fam, extra=None, **workers) -> str:
+    cfg = (extra or {}) | {
         "name": "fit",
         "zoo": "test",
         "base": str(fam.base),
@@ -62,6 +63,64 @@ def test_plan_counts_the_bytes_a_placement_keeps(tiny_llama_bf16_sharded):
     assert all(n.statistics == tables for n in on_gpu.needs.values())
 
 
+def test_the_evaluation_plan_follows_the_batch_the_generation_and_the_route(tiny_llama):
+    """Likelihood scoring grows with the batch; generation holds a KV cache for the prompt
+    and the new tokens on every layer a token passes, and a route's hops each keep one."""
+    from evomerge.memory import EVAL_TOKENS
+
+    fam = tiny_llama
+    args = (str(fam.base), tuple(map(str, fam.sources)), (), "bfloat16", "auto", None, "-")
+    config = AutoConfig.from_pretrained(fam.base)
+    need = plan_worker(*args).needs[Placement.HOST]
+    assert plan_worker(*args, batch=64).needs[Placement.HOST].evaluation * 2 == need.evaluation
+    generating = plan_worker(*args, batch=8, generate=100, likelihood=False)
+    kv_heads, head_dim = (
+        config.num_key_value_heads,
+        config.hidden_size // config.num_attention_heads,
+    )
+    layers = config.num_hidden_layers
+    kv = 8 * (EVAL_TOKENS + 100) * layers * 2 * kv_heads * head_dim * 2
+    rest = 8 * EVAL_TOKENS * 16 * config.hidden_size + 8 * 4 * config.vocab_size
+    assert generating.needs[Placement.HOST].evaluation == kv + rest
+    assert "evaluation at batch 8 (fitness.batch_size)" in generating.lines()[0]
+    routed = (str(fam.sources[0]),)
+    route = plan_worker(
+        None,
+        (),
+        (str(fam.base), *routed),
+        "bfloat16",
+        "auto",
+        None,
+        "-",
+        batch=8,
+        generate=100,
+        likelihood=False,
+        repeats=3,
+    )
+    assert route.needs[Placement.HOST].evaluation == kv * 3 * 2 + rest  # 3 x (A's + B's layers)
+
+
+def test_the_study_sets_the_evaluation_batch(tmp_path, tiny_llama, zoo_dir):
+    from workers.actor import WorkerSpec
+
+    config = StudyConfig.load(_config(tmp_path, tiny_llama))
+    assert WorkerSpec.from_config(config).batch_size == 128
+    smaller = config.model_copy(
+        update={"fitness": config.fitness.model_copy(update={"batch_size": 16})}
+    )
+    spec = WorkerSpec.from_config(smaller)
+    assert spec.batch_size == 16 and spec.plan().batch == 16
+
+
+def test_allocation_failures_are_told_from_other_errors():
+    """cuBLAS failing to allocate its workspace on a full GPU is an out-of-memory too."""
+    from evomerge.memory import out_of_memory
+
+    full = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`")
+    assert out_of_memory(full) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
 def test_placement_is_validated():
     with pytest.raises(ConfigError, match=r"workers.sources: Input should be 'device', 'host'"):
         StudyConfig.from_yaml(
@@ -69,7 +128,7 @@ def test_placement_is_validated():
         )
 
 
-def test_plan_command_shows_the_choice(tmp_path, tiny_llama):
+def test_plan_command_shows_the_choice(tmp_path, tiny_llama, zoo_dir):
     result = CliRunner().invoke(app, ["plan", _config(tmp_path, tiny_llama)])
     assert result.exit_code == 0, result.output
     assert "workers.sources: auto -> device" in result.output
@@ -78,7 +137,7 @@ def test_plan_command_shows_the_choice(tmp_path, tiny_llama):
     assert "workers.sources: host -> host" in result.output
 
 
-def test_run_refuses_a_study_that_fits_no_placement(tmp_path, tiny_llama):
+def test_run_refuses_a_study_that_fits_no_placement(tmp_path, tiny_llama, zoo_dir):
     config = _config(tmp_path, tiny_llama, memory_gb=0.001)
     db = tmp_path / "study.db"
     result = CliRunner().invoke(app, ["run", config, "--storage", f"sqlite:///{db}"])
@@ -97,15 +156,17 @@ def _vm_size() -> int:
 
 def serve_under_a_limit(spec_json: str, recipe_json: str) -> None:
     """In a fresh process: a real host-placement worker scores a small trial, then its address
-    space is limited to what it maps plus HEADROOM, and it scores a trial whose evaluation
-    batch cannot fit there, then the small one again. Prints the three results as JSON."""
+    space is limited to what it maps plus HEADROOM, and it scores twice a trial whose
+    evaluation batch cannot fit there, then the small one again. Prints the four results as
+    JSON."""
     from workers.actor import CandidateWorker, WorkerSpec
 
     worker = CandidateWorker(WorkerSpec.model_validate_json(spec_json))
     results = [worker.evaluate(recipe_json, "held-out")]
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + HEADROOM, hard))
-    results += [worker.evaluate(recipe_json, "search"), worker.evaluate(recipe_json, "held-out")]
+    results += [worker.evaluate(recipe_json, "search") for _ in range(2)]
+    results.append(worker.evaluate(recipe_json, "held-out"))
     resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     print(json.dumps([asdict(r) for r in results]))
 
@@ -125,7 +186,8 @@ def _long_and_short_task(folder: Path) -> Path:
 
 def test_an_evaluation_out_of_memory_fails_the_trial_and_the_worker_serves_on(tmp_path, zoo_dir):
     """A real allocation failure (RLIMIT_AS): the trial is a FAIL naming the placement and
-    both batch sizes (128, then 64), and the same worker completes the next trial."""
+    both batch sizes (128, then 64); the worker keeps the halved batch (its next trial of the
+    split starts at 64), and completes the next trial that fits."""
     from evomerge.recipe import Recipe, layer_group_names
     from evomerge.zoo import resolve_model
     from workers.actor import WorkerSpec
@@ -165,8 +227,29 @@ def test_an_evaluation_out_of_memory_fails_the_trial_and_the_worker_serves_on(tm
         env=os.environ | {"EVOMERGE_CACHE": str(tmp_path / "cache")},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    before, oom, after = json.loads(out.stdout.strip().splitlines()[-1])
+    before, oom, again, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert before["error"] is None and before["fitness"] is not None
     assert oom["fitness"] is None and oom["error"].startswith("OutOfMemory: out of memory"), oom
     assert "host placement, batch size 128, then 64" in oom["error"], oom["error"]
+    assert "host placement, batch size 64, then 32" in again["error"], again["error"]
     assert after["error"] is None and after["fitness"] == before["fitness"]
+
+
+def test_plan_covers_the_route_stage_of_ps_dfs(tmp_path, tiny_llama, zoo_dir):
+    """PS+DFS is planned whole before stage 1 runs: stage 2's routes keep a KV cache per
+    hop, so it can need more than stage 1, and `run` refuses when it cannot fit."""
+    from evomerge.cli.plan import stage_plans
+
+    route = {"dataflow": {"b": str(tiny_llama.sources[0]), "repeats": 3}}
+    config = StudyConfig.load(_config(tmp_path, tiny_llama, route))
+    one, two = stage_plans(config).values()
+    assert two.needs[Placement.HOST].evaluation > one.needs[Placement.HOST].evaluation
+    between = (one.needs[Placement.HOST].total + two.needs[Placement.HOST].total) / 2 / 0.9
+    tight = _config(tmp_path, tiny_llama, route, sources="host", memory_gb=between / 2**30)
+    result = CliRunner().invoke(app, ["plan", tight])
+    assert result.exit_code == 2, result.output
+    assert "study fit:" in result.output and "study fit-dfs:" in result.output
+    db = tmp_path / "study.db"
+    result = CliRunner().invoke(app, ["run", tight, "--storage", f"sqlite:///{db}"])
+    assert result.exit_code == 2 and "study 'fit-dfs' does not fit" in result.output, result.output
+    assert not db.exists()

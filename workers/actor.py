@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoTokenizer
 
-from evomerge.config import StudyConfig
+from evomerge.config import EVAL_BATCH, StudyConfig
 from evomerge.dataflow import route
 from evomerge.fitness import Evaluator
 from evomerge.glue.mixture import mix
@@ -26,6 +26,7 @@ from evomerge.merge import build
 from evomerge.models import SourceSet, load_model
 from evomerge.placement import Placement, release_heap
 from evomerge.recipe import DATAFLOW, MIXTURE, Recipe
+from evomerge.tasks import load_task
 from evomerge.zoo import default_zoo_dir
 
 
@@ -48,6 +49,8 @@ class WorkerSpec(BaseModel):
     weights: tuple[float, ...]
     limit: int | None
     heldout_limit: int | None
+    batch_size: int = EVAL_BATCH
+    repeats: int = 0  # a route's r (its hops each keep a KV cache); 0: no route
     zoo_dir: str | None
     dtype: str
     torch_threads: int | None
@@ -77,6 +80,8 @@ class WorkerSpec(BaseModel):
             weights=tuple(t.weight for t in config.fitness.tasks),
             limit=config.fitness.limit,
             heldout_limit=config.fitness.heldout_limit,
+            batch_size=config.fitness.batch_size,
+            repeats=config.dataflow.repeats if config.is_dataflow else 0,
             zoo_dir=str(default_zoo_dir(config.zoo or "demo")),
             dtype=config.dtype,
             torch_threads=config.workers.torch_threads,
@@ -91,6 +96,9 @@ class WorkerSpec(BaseModel):
         it got one)."""
         gpus = self.gpus_per_worker if gpus is None else gpus
         available, where = device_memory(gpus, self.workers, self.memory_gb)
+        zoo_dir = Path(self.zoo_dir) if self.zoo_dir else None
+        tasks = [load_task(t, zoo_dir) for t in self.tasks]
+        generate = [t.max_new_tokens for t in tasks if t.kind == "generate"]
         return plan_worker(
             self.base_path,
             self.source_paths,
@@ -100,6 +108,10 @@ class WorkerSpec(BaseModel):
             available,
             where,
             gpu=gpus > 0,
+            batch=self.batch_size,
+            generate=max(generate, default=0),
+            likelihood=len(generate) < len(tasks),
+            repeats=self.repeats,
         )
 
 
@@ -155,7 +167,14 @@ class CandidateWorker:
         self._merged: str | None = None  # hash of the merge a route's model A holds
         zoo_dir = Path(spec.zoo_dir) if spec.zoo_dir else None
         self._evaluators = {
-            split: Evaluator(spec.tasks, spec.weights, split=split, limit=limit, zoo_dir=zoo_dir)
+            split: Evaluator(
+                spec.tasks,
+                spec.weights,
+                split=split,
+                limit=limit,
+                zoo_dir=zoo_dir,
+                batch_size=spec.batch_size,
+            )
             for split, limit in (("search", spec.limit), ("held-out", spec.heldout_limit))
         }
 
@@ -193,7 +212,9 @@ class CandidateWorker:
         return result
 
     def _score(self, evaluator: Evaluator, model: torch.nn.Module):
-        """Score `model`; after an out-of-memory, once more at half the batch."""
+        """Score `model`; after an out-of-memory, once more at half the batch, which the
+        worker keeps for its later trials: a batch that did not fit once would fail the
+        next trial's first attempt too, and every retry costs most of an evaluation."""
         batch = evaluator.batch_size
         try:
             return evaluator.score(model, self.tokenizer)
@@ -211,8 +232,6 @@ class CandidateWorker:
                     f"then {batch // 2}): {e}"
                 ) from e
             raise
-        finally:
-            evaluator.batch_size = batch
 
     def candidate(self, recipe: Recipe) -> torch.nn.Module:
         """Build `recipe`'s merge in place (once for the fixed merge a route or a mixture

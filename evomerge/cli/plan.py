@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from evomerge.cli.app import app, console, fail
 from evomerge.config import ConfigError, StudyConfig
 
+if TYPE_CHECKING:
+    from evomerge.memory import WorkerPlan
 
-def worker_plan(cfg: StudyConfig):
-    """The plan of one worker of `cfg` (every worker of a study loads the same models)."""
+
+def stage_plans(cfg: StudyConfig) -> dict[str, WorkerPlan]:
+    """The plan of one worker of `cfg` (every worker of a study loads the same models) per
+    study it runs: PS+DFS's stage 2 too, whose routes keep a KV cache per hop, planned before
+    stage 1 spends its budget."""
     from workers.actor import WorkerSpec
 
-    return WorkerSpec.from_config(cfg).plan()
+    stages = [cfg, cfg.dataflow_stage("stage 1's best")] if cfg.next_stage else [cfg]
+    return {c.name: WorkerSpec.from_config(c).plan() for c in stages}
 
 
 def refuse_unfit(cfg: StudyConfig) -> None:
     """Exit 2 with the numbers when a study's workers fit no placement (or not the one the
     config asks for). Missing models are left to the coordinator's own check."""
     try:
-        plan = worker_plan(cfg)
+        plans = stage_plans(cfg)
     except FileNotFoundError:
         return
-    if plan.choice is None:
-        raise fail(
-            f"study {cfg.name!r} does not fit its workers' memory:\n" + "\n".join(plan.lines()), 2
-        )
+    for name, plan in plans.items():
+        if plan.choice is None:
+            raise fail(
+                f"study {name!r} does not fit its workers' memory:\n" + "\n".join(plan.lines()), 2
+            )
 
 
 @app.command()
@@ -40,13 +47,14 @@ def plan(config: Annotated[Path, typer.Argument(help="study config YAML")]) -> N
     try:
         cfg = StudyConfig.load(config)
         build_space(cfg)  # what `run` refuses (method, parameters, options), refused here too
-        worker = worker_plan(cfg)
+        plans = stage_plans(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from e
-    console.print(
-        f"study {cfg.name}: {cfg.workers.count} worker(s), candidate {cfg.dtype}", highlight=False
-    )
-    for line in worker.lines():
-        console.print(line, highlight=False, markup=False)
-    if worker.choice is None:
+    for name, worker in plans.items():
+        console.print(
+            f"study {name}: {cfg.workers.count} worker(s), candidate {cfg.dtype}", highlight=False
+        )
+        for line in worker.lines():
+            console.print(line, highlight=False, markup=False)
+    if any(worker.choice is None for worker in plans.values()):
         raise typer.Exit(2)
