@@ -315,6 +315,14 @@ class StudyConfig(_Frozen):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     storage: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, v: str) -> str:
+        """A name "." or ".." is no folder of its own, and a browser drops it from a URL."""
+        if not v.strip("."):
+            raise ValueError(f"{v!r} is only dots; a study name needs a letter, digit, _ or -")
+        return v
+
     @field_validator("base")
     @classmethod
     def _base_when_merging(cls, v: str | None, info: ValidationInfo) -> str | None:

@@ -248,6 +248,10 @@ def test_mergekit_yaml_of_a_dfs_recipe_is_a_passthrough_config(client: TestClien
 def test_missing_study_and_trial_are_404(client: TestClient) -> None:
     assert client.get("/studies/nope").status_code == 404
     assert client.get("/studies/ties-done/trials/9999").status_code == 404
+    huge = 10**20  # past SQL's integers: still "no such trial", never a 500
+    assert client.get(f"/studies/ties-done/trials/{huge}").status_code == 404
+    assert client.get(f"/compare?pick=ties-done:1&pick=ties-done:{huge}").status_code == 404
+    assert client.post(f"/studies/ties-done/trials/{huge}/export").status_code == 404
 
 
 def test_best_page_filters(client: TestClient, filled: str) -> None:
@@ -340,6 +344,11 @@ def test_new_study_page_offers_the_configs(client: TestClient) -> None:
     page = client.get("/new").text
     assert '<option value="demo.yaml" selected>' in page
     assert "name: demo" in page
+    own = client.get("/new?config=")  # "(paste your own)": an empty form, not demo.yaml
+    assert own.status_code == 200 and "name: demo" not in own.text
+    assert '<option value="demo.yaml" selected>' not in own.text
+    for missing in ("nope.yaml", "fusion"):
+        assert client.get(f"/new?config={missing}").status_code == 404
 
 
 def test_new_study_shows_errors_at_their_fields(client: TestClient) -> None:
@@ -384,8 +393,11 @@ def test_new_study_checks_dataflow_configs(client: TestClient) -> None:
 def test_new_study_refuses_a_taken_or_unsafe_name(client: TestClient) -> None:
     taken = client.post("/new", data={"yaml": config_yaml("x"), "name": "ties-done"})
     assert taken.status_code == 422 and "exists" in taken.text
-    dots = client.post("/new", data={"yaml": config_yaml("x"), "name": ".."})
-    assert dots.status_code == 422 and 'data-field="name"' in dots.text
+    for name in ("..", "."):  # no folder of their own, and a browser drops them from a URL
+        dots = client.post("/new", data={"yaml": config_yaml("x"), "name": name})
+        assert dots.status_code == 422 and 'data-field="name"' in dots.text
+    in_yaml = client.post("/new", data={"yaml": config_yaml("..")})
+    assert in_yaml.status_code == 422 and 'data-field="name"' in in_yaml.text
 
 
 def test_yaml_is_parsed_safely(client: TestClient, tmp_path: Path) -> None:

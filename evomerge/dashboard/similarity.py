@@ -35,7 +35,10 @@ def similarity_page(
 ) -> Response:
     """The base and sources of study `name` (and its PS+DFS model B), clustered."""
     row = ctx.store.get_study(name)
-    config = StudyConfig.from_yaml(row.config_yaml, source=f"study {name!r}")
+    try:
+        config = StudyConfig.from_yaml(row.config_yaml, source=f"study {name!r}")
+    except ValueError as e:  # a config this version cannot read (ConfigError)
+        return ctx.render(request, "error.html", 409, status=409, message=str(e))
     try:
         result = _analysis(tuple(config.model_paths().items()), threshold)
     except (OSError, ValueError) as e:

@@ -47,8 +47,13 @@ def _configs(ctx: Context) -> list[str]:
 @router.get("/new")
 def new_form(request: Request, ctx: Ctx, config: str | None = None) -> Response:
     configs = _configs(ctx)
-    chosen = config or ("demo.yaml" if "demo.yaml" in configs else None)
-    text = child(ctx.configs_dir, chosen).read_text() if chosen else ""
+    if config is None:  # "" is the form's own "(paste your own)"
+        config = "demo.yaml" if "demo.yaml" in configs else ""
+    if config and config not in configs:
+        message = f"no config {config!r} in {ctx.configs_dir} (there: {', '.join(configs)})"
+        return ctx.render(request, "error.html", 404, status=404, message=message)
+    chosen = config or None
+    text = child(ctx.configs_dir, config).read_text() if config else ""
     return ctx.render(
         request, "new.html", configs=configs, chosen=chosen, text=text, name="", errors=[]
     )

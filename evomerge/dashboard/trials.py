@@ -24,7 +24,9 @@ NOTES = {
 
 
 def load_trial(ctx: Context, study: str, number: int) -> tuple[TrialRow, Recipe]:
-    row = ctx.store.trial(study, number)
+    """Trial `number` of `study` and its recipe; UnknownTrialError (404) for any number the
+    store has not (one past SQL's integers too)."""
+    row = ctx.store.trial(study, number) if 0 <= number < 1 << 63 else None
     if row is None:
         raise UnknownTrialError(f"study {study!r} has no trial {number}")
     return row, Recipe.from_json(row.recipe_json)
