@@ -26,9 +26,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
+import psutil
 from optuna.distributions import BaseDistribution
 from optuna.samplers import CmaEsSampler
 from optuna.trial import FrozenTrial, TrialState
@@ -219,8 +221,13 @@ class Coordinator:
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
+        started = datetime.fromtimestamp(psutil.Process().create_time(), UTC)
         run_id = self.store.start_run(
-            self.config.name, os.getpid(), socket.gethostname(), self.config.heartbeat.stale_after_s
+            self.config.name,
+            os.getpid(),
+            socket.gethostname(),
+            self.config.heartbeat.stale_after_s,
+            since=started,  # a Stop pressed while this process started up is for this run
         )
         status, reason = "failed", "coordinator error"
         lease_lost = False

@@ -316,13 +316,17 @@ class Store:
 
     # Runs
 
-    def start_run(self, study: str, pid: int, host: str, stale_after_s: float) -> int:
+    def start_run(
+        self, study: str, pid: int, host: str, stale_after_s: float, since: datetime | None = None
+    ) -> int:
         """Take the study's lease: a new `running` run, its id returned.
 
         `StudyBusyError` if another run of the study heartbeat within `stale_after_s`, unless
         that run's pid is gone from this very host (a SIGKILL leaves no time to say so).
         Older `running` runs are dead: they become `interrupted` ("heartbeat lost") and their
-        RUNNING trials FAIL. The study becomes `running` and any stop request is cleared.
+        RUNNING trials FAIL. The study becomes `running` and a stop request made before
+        `since` (when this run's process started; default: any) is cleared: one made while
+        the run started up is its own, honoured at its first poll, never silently lost.
         Race-safe: the study row is locked (PostgreSQL) or the write lock held (SQLite).
         """
         with self._tx(write=True) as conn:
@@ -365,10 +369,16 @@ class Store:
                 )
                 .returning(runs.c.id)
             ).scalar_one()
+            ours = studies.c.stop_requested_at >= (since or now)
             conn.execute(
                 sa.update(studies)
                 .where(studies.c.id == study_id)
-                .values(status="running", stop_request=None, stop_requested_at=None, updated_at=now)
+                .values(
+                    status="running",
+                    stop_request=sa.case((ours, studies.c.stop_request), else_=None),
+                    stop_requested_at=sa.case((ours, studies.c.stop_requested_at), else_=None),
+                    updated_at=now,
+                )
             )
         return run_id
 

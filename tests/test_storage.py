@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -343,8 +344,14 @@ def test_stop_requests(store: Store) -> None:
     store.clear_stop_request("s")
     assert store.stop_request("s") is None
     store.request_stop("s")
-    store.start_run("s", 1, "h", stale_after_s=60)
+    started = datetime.now(UTC)
+    store.start_run("s", 1, "h", stale_after_s=60, since=started)
     assert store.stop_request("s") is None, "a new run starts without an old stop request"
+    add_study(store, "t")
+    started = datetime.now(UTC)
+    store.request_stop("t", "cancel")  # pressed while the run's process starts up
+    store.start_run("t", 2, "h", stale_after_s=60, since=started)
+    assert store.stop_request("t") == "cancel", "a stop made during start-up is the run's own"
     with pytest.raises(ValueError, match="stop mode"):
         store.request_stop("s", "kill")
     with pytest.raises(UnknownStudyError):
