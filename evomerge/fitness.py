@@ -244,7 +244,10 @@ def _sequence_logprobs(
 ) -> list[torch.Tensor]:
     """Per sequence, the log-probability of each token given the ones before it.
 
-    Right padding needs no attention mask: causal attention never looks ahead.
+    Right padding needs no attention mask: causal attention never looks ahead. The float32
+    log-softmax is taken a sequence at a time: the batch's logits stay in the model's dtype,
+    where a float32 copy and log-softmax of them all would take 4.5x as much (11 GB at a
+    batch of 128 x 256 tokens and a 32000 vocabulary).
     """
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
@@ -252,12 +255,13 @@ def _sequence_logprobs(
     with torch.inference_mode():
         for batch in _batches(order, batch_size):
             ids = _pad_right([seqs[i] for i in batch], pad, device)
-            logits = model(input_ids=ids).logits.float()
+            logits = model(input_ids=ids).logits
             _check_finite(logits)
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            tok = logp.gather(-1, ids[:, 1:, None])[..., 0].cpu()
             for row, i in enumerate(batch):
-                out[i] = tok[row, : len(seqs[i]) - 1]
+                n = len(seqs[i]) - 1
+                logp = F.log_softmax(logits[row, :n].float(), dim=-1)
+                out[i] = logp.gather(-1, ids[row, 1 : n + 1, None])[:, 0].cpu()
+            del logits
     return out
 
 

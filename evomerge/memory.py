@@ -100,8 +100,8 @@ class WorkerPlan:
 def evaluation_bytes(
     config, item: int, batch: int, generate: int, likelihood: bool, hops: int
 ) -> int:
-    """What scoring a batch holds beyond the weights. Likelihood tasks: a token's logits
-    (bf16, their float32 copy and log-softmax: 12 bytes a vocabulary entry) and activations.
+    """What scoring a batch holds beyond the weights. Likelihood tasks: the batch's logits
+    in the model's dtype, one sequence's float32 copy and log-softmax of them, activations.
     Generation: each row's KV cache for the prompt and the new tokens on every layer a token
     passes (`hops`), the prompt's activations, the last position's logits. A study with both
     kinds needs the larger (they run one after the other)."""
@@ -109,7 +109,8 @@ def evaluation_bytes(
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     activations = batch * EVAL_TOKENS * 16 * config.hidden_size
-    scoring = batch * EVAL_TOKENS * 12 * config.vocab_size + activations if likelihood else 0
+    logits = (batch * item + 8) * EVAL_TOKENS * config.vocab_size
+    scoring = logits + activations if likelihood else 0
     if not generate:
         return scoring
     kv = batch * (EVAL_TOKENS + generate) * hops * 2 * kv_heads * head_dim * item

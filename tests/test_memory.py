@@ -71,8 +71,10 @@ def test_the_evaluation_plan_follows_the_batch_the_generation_and_the_route(tiny
     fam = tiny_llama
     args = (str(fam.base), tuple(map(str, fam.sources)), (), "bfloat16", "auto", None, "-")
     config = AutoConfig.from_pretrained(fam.base)
-    need = plan_worker(*args).needs[Placement.HOST]
-    assert plan_worker(*args, batch=64).needs[Placement.HOST].evaluation * 2 == need.evaluation
+    tokens, vocab = EVAL_TOKENS, config.vocab_size
+    for batch in (128, 64):  # the batch's bf16 logits, one row's float32 pair, activations
+        scoring = (batch * 2 + 8) * tokens * vocab + batch * tokens * 16 * config.hidden_size
+        assert plan_worker(*args, batch=batch).needs[Placement.HOST].evaluation == scoring
     generating = plan_worker(*args, batch=8, generate=100, likelihood=False)
     kv_heads, head_dim = (
         config.num_key_value_heads,
