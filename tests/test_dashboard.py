@@ -414,7 +414,12 @@ def test_new_study_starts_the_coordinator_process(
     r = client.post("/new", data={"yaml": text, "name": "started"})
     assert r.status_code == 303, r.text
     assert r.headers["location"] == "/studies/started?note=started"
+    # A second click while the run starts up (409) or once it registered (422, exists)
+    # spawns no second coordinator.
+    again = client.post("/new", data={"yaml": text, "name": "started"})
+    assert again.status_code in (409, 422), again.text
     folder = dirs["runs"] / "started"
+    assert len(list(folder.glob("*-run.log"))) == 1
     snapshot = next(folder.glob("*-config.yaml"))
     assert yaml.safe_load(snapshot.read_text())["name"] == "started"
     with Store(filled) as store:  # the real `evomerge run` registers it, then is cancelled

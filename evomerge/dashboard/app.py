@@ -16,7 +16,7 @@ from evomerge.config import HeartbeatConfig
 from evomerge.dashboard import best, fusion, similarity, studies, trials
 from evomerge.dashboard.context import HERE, Context, make_templates
 from evomerge.dashboard.guard import Guard
-from evomerge.dashboard.launch import Launcher
+from evomerge.dashboard.launch import LaunchBusy, Launcher
 from evomerge.dashboard.paths import PathRefused
 from evomerge.dashboard.queries import Queries
 from storage import StorageError, Store, UnknownStudyError, UnknownTrialError
@@ -69,6 +69,7 @@ def create_app(
         (UnknownStudyError, 404),
         (UnknownTrialError, 404),
         (PathRefused, 400),
+        (LaunchBusy, 409),  # a second click while the first command starts up
         (RequestValidationError, 400),
         (StorageError, 503),
     ):

@@ -18,12 +18,23 @@ from evomerge.config import StudyConfig
 from evomerge.dashboard.paths import PathRefused, child
 
 
+class LaunchBusy(RuntimeError):
+    """The same command for the same study (or export folder) is still running from here."""
+
+
 class Launcher:
-    """Spawns CLI commands for one study database; logs go under `run_dir`."""
+    """Spawns CLI commands for one study database; logs go under `run_dir`.
+
+    One live process per study (run, resume, fuse) and per export folder: a second click
+    while the first process starts up (a run registers only after its workers start, tens
+    of seconds) is refused with `LaunchBusy` instead of spawning a process that would fail.
+    """
 
     def __init__(self, storage_url: str, run_dir: Path) -> None:
         self.storage_url = storage_url
         self.run_dir = run_dir
+        self._live: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
 
     def folder(self, study: str) -> Path:
         """The study's folder of configs and logs (the name is checked, not trusted)."""
@@ -43,34 +54,45 @@ class Launcher:
         folder.mkdir(parents=True, exist_ok=True)
         snapshot = folder / f"{_stamp()}-config.yaml"
         snapshot.write_text(config.to_yaml())
-        return self._spawn(config.name, "run", str(snapshot), "--study", config.name)
+        return self._spawn(config.name, config.name, "run", str(snapshot), "--study", config.name)
 
     def fuse(self, name: str, config: Path) -> Path:
         """`evomerge fuse` of a fusion config (a new job, or the resume of job `name`)."""
-        return self._spawn(name, "fuse", str(config))
+        return self._spawn(name, name, "fuse", str(config))
 
     def resume(self, study: str) -> Path:
-        return self._spawn(study, "resume", study)
+        return self._spawn(study, study, "resume", study)
 
     def export(self, study: str, number: int, out: Path) -> Path:
         """`evomerge export` of one trial into `out` (a checked folder)."""
-        return self._spawn(study, "export", study, "--trial", str(number), "--out", str(out))
+        argv = ("export", study, "--trial", str(number), "--out", str(out))
+        return self._spawn(study, f"export:{out}", *argv)
 
-    def _spawn(self, study: str, command: str, *args: str) -> Path:
+    def busy(self, key: str) -> bool:
+        """Whether a process started here for `key` (a study's name, or `export:FOLDER`) is
+        still running."""
+        process = self._live.get(key)
+        return process is not None and process.poll() is None
+
+    def _spawn(self, study: str, key: str, command: str, *args: str) -> Path:
         folder = self.folder(study)
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"{_stamp()}-{command}.log"
         argv = [sys.executable, "-m", "evomerge.cli", command, *args, "--storage", self.storage_url]
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # Plain, wide text: a log is read in a browser, not a terminal.
-                env={**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"},
-            )
+        with self._lock:  # check and spawn as one: two clicks race through the thread pool
+            if self.busy(key):
+                raise LaunchBusy(f"the {command} started here for {key} is still running")
+            with log.open("ab") as out:
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    # Plain, wide text: a log is read in a browser, not a terminal.
+                    env={**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"},
+                )
+            self._live[key] = process
         # Reap the child when it exits, so a long-lived dashboard leaves no zombies.
         threading.Thread(target=process.wait, daemon=True).start()
         return log
