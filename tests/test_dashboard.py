@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,32 @@ def test_live_fragment_and_generation_progress(client: TestClient) -> None:
     assert "<html" not in fragment
     assert text_of(fragment, "status") == "running"
     assert text_of(fragment, "generation").startswith("2: 4 / 8 done")
+
+
+def test_a_dead_run_shows_nothing_running(tmp_path: Path, dirs: dict[str, Path]) -> None:
+    """A coordinator SIGKILLed mid-generation: once its heartbeat is stale the page says
+    interrupted everywhere, not a study interrupted beside busy workers and a running run."""
+    from storage.schema import runs
+
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    with Store(url) as store:
+        store.migrate()
+        fill_study(store, "killed", 20, budget=100, end=None, seed=1)
+        run_id = store.runs("killed")[-1].id
+        recipe = Recipe.from_json(store.trials("killed")[-1].recipe_json)
+        for number in (20, 21):  # in flight when the coordinator died
+            store.record_trial_started("killed", run_id, number, 3, recipe, "w0")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # its last heartbeat, an hour ago
+        conn.execute(sa.update(runs).values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1)))
+    engine.dispose()
+    with make_client(url, dirs) as c:
+        fragment = c.get("/studies/killed/live").text
+    assert text_of(fragment, "status") == "interrupted"
+    assert text_of(fragment, "busy").startswith("0")
+    assert "running" not in text_of(fragment, "generation")
+    runs_table = fragment[fragment.index('id="runs"') :]
+    assert "heartbeat lost" in runs_table and ">running<" not in runs_table
 
 
 def test_trial_page_draws_heatmaps_metrics_and_timings(client: TestClient, filled: str) -> None:
