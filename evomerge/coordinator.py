@@ -194,8 +194,13 @@ class Coordinator:
         *,
         on_progress: Callable[[Progress], None] | None = None,
         worker_cls: type[CandidateWorker] = CandidateWorker,
+        stop_from: tuple[str, ...] = (),
     ) -> None:
+        """`stop_from`: the chain's earlier stages (PS+DFS's stage 1, ...), whose stop
+        requests stop this run too: a user stops the study they started, whichever stage
+        it has reached."""
         self.config = config
+        self.stop_from = stop_from
         self.worker_cls = worker_cls
         self.store = store
         self.on_progress = on_progress
@@ -408,6 +413,10 @@ class Coordinator:
             self._grid_done = True
         return bool(todo)
 
+    def _clear_stop_requests(self) -> None:
+        for study in (self.config.name, *self.stop_from):
+            self.store.clear_stop_request(study)
+
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
         budget = self.config.budget
         name = self.config.name
@@ -418,10 +427,11 @@ class Coordinator:
             self._beat.check()
             if time.monotonic() - last_poll > self.config.heartbeat.interval_s:
                 last_poll = time.monotonic()
-                request = self.store.stop_request(name)
+                requests = {self.store.stop_request(n) for n in (name, *self.stop_from)}
+                request = next((r for r in ("cancel", "stop") if r in requests), None)
                 if request == "cancel":
                     self._fail_inflight(pool.cancel(), "cancelled")
-                    self.store.clear_stop_request(name)
+                    self._clear_stop_requests()
                     return "stopped", "cancel requested"
                 if request == "stop" and stopping is None:
                     stopping = "stop requested"
@@ -436,7 +446,7 @@ class Coordinator:
                 raise WorkersLostError("every worker is gone and Ray cannot restart any")
             if not pool.busy and stopping is not None:
                 if stopping == "stop requested":
-                    self.store.clear_stop_request(name)
+                    self._clear_stop_requests()
                     return "stopped", stopping
                 return "finished", stopping
             outcomes = pool.wait(timeout=0.5)

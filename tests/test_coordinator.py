@@ -74,6 +74,19 @@ def test_search_runs_records_and_rescores(zoo_dir, ray_local, store):
     ).best_value == pytest.approx(max(r.fitness for r in done))
 
 
+def test_a_stop_on_an_earlier_stage_stops_the_chain(zoo_dir, ray_local, store):
+    """PS+DFS's stage 2 runs under its own name; Stop pressed on the study the user started
+    (stage 1, finished) stops it too, and is then cleared on both."""
+    first, second = make_config("chain"), make_config("chain-dfs", trials=40)
+    register(store, first)
+    register(store, second)
+    store.request_stop("chain", "stop")
+    summary = Coordinator(second, store, stop_from=("chain",)).run()
+    assert (summary.status, summary.reason) == ("stopped", "stop requested")
+    assert summary.complete < second.budget.trials
+    assert store.stop_request("chain") is None and store.stop_request("chain-dfs") is None
+
+
 class DiesOnceWorker(CandidateWorker):
     """Its process exits in the middle of its first evaluation (a real crash, once)."""
 

@@ -79,15 +79,16 @@ def _preflight(config: StudyConfig, url: str) -> None:
         raise fail(f"study {config.name!r} cannot start:\n{lines}", 2)
 
 
-def _drive(config: StudyConfig, store, *, new: bool) -> None:
-    """Validate, register (for a new study) and run one study with a live progress bar."""
+def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] = ()) -> None:
+    """Validate, register (for a new study) and run one study with a live progress bar;
+    `stop_from`: the chain's earlier stages, whose stop requests stop it too."""
     from evomerge.coordinator import Coordinator
     from evomerge.coordinator import Progress as RunProgress
     from storage import StudyBusyError
     from workers.pool import WorkersLostError, WorkerStartError
 
     try:
-        coordinator = Coordinator(config, store)
+        coordinator = Coordinator(config, store, stop_from=stop_from)
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from e
     if new:
@@ -128,16 +129,17 @@ def _drive(config: StudyConfig, store, *, new: bool) -> None:
     )
     if summary.status == "failed":
         raise fail(f"study {summary.study!r} failed: {summary.reason}", 1)
+    chain = (*stop_from, config.name)
     if summary.status == "finished" and config.next_stage:
         kill_point("stage-1-finished")
-        _drive_dataflow_stage(config, store)
+        _drive_dataflow_stage(config, store, chain)
     if summary.status == "finished" and config.evolve_next:
-        _drive_evolve_stage(config, store)
+        _drive_evolve_stage(config, store, chain)
     if summary.status == "finished" and config.mix_next:
-        _drive_mixture_stage(config, store)
+        _drive_mixture_stage(config, store, chain)
 
 
-def _drive_evolve_stage(config: StudyConfig, store) -> None:
+def _drive_evolve_stage(config: StudyConfig, store, chain: tuple[str, ...]) -> None:
     """Model-GLUE's heuristic, then evolutionary selection: CMA-ES from the selection's merge."""
     from evomerge.recipe import Recipe
 
@@ -155,16 +157,17 @@ def _drive_evolve_stage(config: StudyConfig, store) -> None:
         f"stage 2 (evolutionary): [bold]{stage.name}[/] starts CMA-ES at trial "
         f"{best[0].number}'s weights {list(weights)}"
     )
-    _drive(stage, store, new=existing is None)
+    _drive(stage, store, new=existing is None, stop_from=chain)
 
 
-def _drive_dataflow_stage(config: StudyConfig, store) -> None:
+def _drive_dataflow_stage(config: StudyConfig, store, chain: tuple[str, ...]) -> None:
     """PS+DFS: route stage 1's best merge with `dataflow.b`."""
     assert config.dataflow is not None
-    _drive_on_best(config, store, config.dataflow_stage, f"routes it with {config.dataflow.b}")
+    what = f"routes it with {config.dataflow.b}"
+    _drive_on_best(config, store, config.dataflow_stage, what, chain)
 
 
-def _drive_mixture_stage(config: StudyConfig, store) -> None:
+def _drive_mixture_stage(config: StudyConfig, store, chain: tuple[str, ...]) -> None:
     """Merge+mix (Model-GLUE): mix the best merge with `mixture.others`."""
     from transformers import AutoConfig
 
@@ -175,10 +178,10 @@ def _drive_mixture_stage(config: StudyConfig, store) -> None:
     def stage(merge_json: str) -> StudyConfig:
         return config.mixture_stage(merge_json, layers)
 
-    _drive_on_best(config, store, stage, f"mixes it with {others}")
+    _drive_on_best(config, store, stage, f"mixes it with {others}", chain)
 
 
-def _drive_on_best(config: StudyConfig, store, make_stage, what: str) -> None:
+def _drive_on_best(config: StudyConfig, store, make_stage, what: str, chain) -> None:
     """The next stage of a chain, on this study's best recipe (held-out score first)."""
     best = [r for r in store.best(config.name, top=1, by="heldout") if r.heldout is not None]
     best = best or store.best(config.name, top=1)
@@ -191,7 +194,7 @@ def _drive_on_best(config: StudyConfig, store, make_stage, what: str) -> None:
     console.print(
         f"next stage: [bold]{stage.name}[/] takes trial {best[0].number}'s merge and {what}"
     )
-    _drive(stage, store, new=existing is None)
+    _drive(stage, store, new=existing is None, stop_from=chain)
 
 
 @app.command()
