@@ -36,6 +36,8 @@ def anchor(ref: str, folder: Path) -> str:
 
 
 EVAL_BATCH = 128  # sequences scored per forward pass, unless fitness.batch_size says
+# A chain's later studies are named after its first: NAME + suffix.
+DFS_STAGE, EVOLVE_STAGE, MIX_STAGE = "-dfs", "-evolve", "-mix"
 
 
 class ConfigError(ValueError):
@@ -434,7 +436,7 @@ class StudyConfig(_Frozen):
         trials = len(tried) * len(mixture.pooling)
         return self.model_copy(
             update={
-                "name": f"{self.name}-mix",
+                "name": self.name + MIX_STAGE,
                 "mixture": mixture,
                 "optimizer": OptimizerConfig(seed=self.optimizer.seed),
                 "budget": self.budget.model_copy(update={"trials": trials}),
@@ -454,7 +456,7 @@ class StudyConfig(_Frozen):
         high = self.search["weight"].high
         return self.model_copy(
             update={
-                "name": f"{self.name}-evolve",
+                "name": self.name + EVOLVE_STAGE,
                 "search": {"weight": Bounds(low=-high / 4, high=high)},
                 "optimizer": self.optimizer.model_copy(
                     update={"kind": "cmaes", "evolve": None, "start": tuple(weights)}
@@ -501,7 +503,7 @@ class StudyConfig(_Frozen):
         trials = self.dataflow.trials or self.budget.trials
         return self.model_copy(
             update={
-                "name": f"{self.name}-dfs",
+                "name": self.name + DFS_STAGE,
                 "dataflow": flow,
                 "budget": self.budget.model_copy(update={"trials": trials}),
             }

@@ -166,6 +166,35 @@ def test_a_dead_run_shows_nothing_running(tmp_path: Path, dirs: dict[str, Path])
     assert "heartbeat lost" in runs_table and ">running<" not in runs_table
 
 
+def test_a_chain_links_its_stages_and_a_foreign_config_is_named(
+    tmp_path: Path, dirs: dict[str, Path]
+) -> None:
+    """PS+DFS's two studies link each other (the chain's logs and its Stop are on the
+    first); a stored config this version cannot read is said, not silently dropped."""
+    url = f"sqlite:///{tmp_path / 'chain.db'}"
+    with Store(url) as store:
+        store.migrate()
+        fill_study(store, "chain", 8)
+        fill_study(store, "chain-dfs", 8, method="dataflow", seed=2, zoo="test")
+        fill_study(store, "future", 4)
+        future = store.get_study("future").config_yaml + "fitness_cache: {days: 3}\n"
+        store.create_study("future-2", future, optuna_study_name="future-2")
+    with make_client(url, dirs) as c:
+        first, second = c.get("/studies/chain").text, c.get("/studies/chain-dfs").text
+        foreign = c.get("/studies/future-2")
+    assert 'href="/studies/chain-dfs"' in text_of_html(first, "chain")
+    assert 'href="/studies/chain"' in text_of_html(second, "chain")
+    assert foreign.status_code == 200
+    assert "fitness_cache" in text_of(foreign.text, "config-error")
+
+
+def text_of_html(html: str, element_id: str) -> str:
+    """The inner HTML of the element with `element_id`."""
+    m = re.search(rf'id="{element_id}"[^>]*>(.*?)</p>', html, re.S)
+    assert m, f"no element #{element_id}"
+    return m.group(1)
+
+
 def test_trial_page_draws_heatmaps_metrics_and_timings(client: TestClient, filled: str) -> None:
     with Store(filled) as store:
         row = store.best("ties-done", top=1)[0]

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from evomerge.config import ConfigError, StudyConfig
+from evomerge.config import DFS_STAGE, EVOLVE_STAGE, MIX_STAGE, ConfigError, StudyConfig
 from evomerge.dashboard.configform import FieldError, check_config, preflight_errors
 from evomerge.dashboard.context import Context, context, read_form, study_url
 from evomerge.dashboard.launch import tail
@@ -21,6 +21,7 @@ from storage import StudySummary, UnknownStudyError
 
 router = APIRouter()
 Ctx = Annotated[Context, Depends(context)]
+STAGES = (DFS_STAGE, EVOLVE_STAGE, MIX_STAGE)
 PAGE_SIZE = 25
 # Short notes a redirect may show; the query string picks one, never supplies its text.
 NOTES = {
@@ -114,10 +115,14 @@ def _study_values(ctx: Context, name: str, table: TableState) -> dict[str, Any]:
     """Everything the live part of a study page shows."""
     summary = _summary(ctx, name)
     info = ctx.store.get_study(name)
+    config_error = None
     try:
         config: StudyConfig | None = StudyConfig.from_yaml(info.config_yaml)
-    except ConfigError:
-        config = None
+    except ConfigError as e:  # stored by another version of evomerge: say so, show the rest
+        config, config_error = None, str(e)
+    first = next((name[: -len(s)] for s in STAGES if name.endswith(s)), None)
+    first = first if first and ctx.store.get_study(first, missing_ok=True) else None
+    later = [n for n in (name + s for s in STAGES) if ctx.store.get_study(n, missing_ok=True)]
     points = ctx.queries.points(name)
     pages = max(1, math.ceil(len(points) / PAGE_SIZE))
     page = min(table.page, pages)
@@ -128,6 +133,9 @@ def _study_values(ctx: Context, name: str, table: TableState) -> dict[str, Any]:
     return {
         "study": summary,
         "config": config,
+        "config_error": config_error,
+        "first_stage": first,
+        "later_stages": later,
         "runs": ctx.store.runs(name)[::-1],
         "logs": [p.name for p in ctx.launcher.logs(name)],
         "generation": gens[0] if gens else None,
