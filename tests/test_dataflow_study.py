@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def test_dataflow_study_records_routes_and_exports_the_scored_model(
     search = Evaluator(tasks, [1.0, 1.0], split="search", limit=16, zoo_dir=zoo_dir)
     score = search.score(model, AutoTokenizer.from_pretrained(out))
     assert score.fitness == pytest.approx(best.fitness, abs=1e-9)
+    # `evomerge eval` loads the export too, in a process that imported nothing of ours
+    args = ("eval", str(out), "--task", "zoo:add", "--task", "zoo:reverse", "--limit", "16")
+    scored = _cli(*args, "--zoo", "test", "--json", env=dict(os.environ))
+    assert scored.returncode == 0, scored.stdout + scored.stderr
+    assert json.loads(scored.stdout)[str(out)]["fitness"] == pytest.approx(best.fitness, abs=1e-9)
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:

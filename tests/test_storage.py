@@ -12,7 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -101,6 +101,24 @@ def test_a_database_of_the_first_schema_upgrades_keeping_its_studies(db_url: str
         store.create_fusion_job("f", "name: f\n", "/tmp/f")
         store.record_fusion_steps("f", [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}])
         assert store.fusion_steps("f") == [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}]
+
+
+def test_status_says_a_silent_run_is_interrupted(db_url: str) -> None:
+    """A coordinator SIGKILLed an hour ago: `evomerge status` says interrupted, as the
+    dashboard does, not running forever."""
+    from storage.schema import runs
+
+    with Store(db_url) as store:
+        store.migrate()
+        add_study(store, "killed")
+        store.start_run("killed", 1, "h", stale_after_s=60)
+    engine = sa.create_engine(db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.update(runs).values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1)))
+    engine.dispose()
+    shown = CliRunner().invoke(app, ["status", "--storage", db_url, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert [s["status"] for s in json.loads(shown.output)["studies"]] == ["interrupted"]
 
 
 def test_fusion_jobs_keep_status_evaluation_and_the_steps_of_a_resumed_run(db_url: str) -> None:

@@ -30,6 +30,7 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from evomerge import dataflow, glue  # noqa: F401  (register the DFS and mixture exports' classes)
     from evomerge.fitness import Evaluator
     from evomerge.zoo import default_zoo_dir, resolve_model
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from evomerge.cli.app import app, console, fail
 from evomerge.cli.plan import refuse_unfit
-from evomerge.config import ConfigError, StudyConfig
+from evomerge.config import ConfigError, HeartbeatConfig, StudyConfig
 from evomerge.killpoints import kill_point
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -255,7 +255,12 @@ def status(
 ) -> None:
     """Studies in the database, or one study's runs and counts (works during a run)."""
     store = _open_store(_storage_url(storage), create=False)
-    rows = [r for r in store.list_studies() if study is None or r.name == study]
+    stale_after_s = HeartbeatConfig().stale_after_s  # silent this long: dead (as the dashboard)
+    rows = [
+        r
+        for r in store.list_studies(stale_after_s=stale_after_s)
+        if study is None or r.name == study
+    ]
     if study is not None and not rows:
         raise fail(f"no study named {study!r} in {store.url}", 2)
     runs = store.runs(study) if study else []
