@@ -284,7 +284,7 @@ class Coordinator:
         try:
             status, reason = self._search(pool, run_id, t_start)
             if status == "finished":
-                self._rescore_heldout(pool)
+                status, reason = self._rescore_heldout(pool) or (status, reason)
         finally:
             pool.shutdown()
         return status, reason
@@ -413,13 +413,17 @@ class Coordinator:
             self._grid_done = True
         return bool(todo)
 
+    def _stop_request(self) -> str | None:
+        """The strongest pending stop request on this study or the chain's earlier stages."""
+        requests = {self.store.stop_request(n) for n in (self.config.name, *self.stop_from)}
+        return next((r for r in ("cancel", "stop") if r in requests), None)
+
     def _clear_stop_requests(self) -> None:
         for study in (self.config.name, *self.stop_from):
             self.store.clear_stop_request(study)
 
     def _search(self, pool: WorkerPool, run_id: int, t_start: float) -> tuple[str, str]:
         budget = self.config.budget
-        name = self.config.name
         last_poll = 0.0
         stopping: str | None = None
         complete, failed, best = self._counts()
@@ -427,8 +431,7 @@ class Coordinator:
             self._beat.check()
             if time.monotonic() - last_poll > self.config.heartbeat.interval_s:
                 last_poll = time.monotonic()
-                requests = {self.store.stop_request(n) for n in (name, *self.stop_from)}
-                request = next((r for r in ("cancel", "stop") if r in requests), None)
+                request = self._stop_request()
                 if request == "cancel":
                     self._fail_inflight(pool.cancel(), "cancelled")
                     self._clear_stop_requests()
@@ -530,16 +533,29 @@ class Coordinator:
             if trial is not None:
                 self._abandon(trial.number, trial.params, why)
 
-    def _rescore_heldout(self, pool: WorkerPool) -> None:
-        """Score the top-k recipes on the held-out split: the search split is overfitted."""
+    def _rescore_heldout(self, pool: WorkerPool) -> tuple[str, str] | None:
+        """Score the top-k recipes on the held-out split: the search split is overfitted.
+        A stop request ends it (at 7B it takes minutes): the run is then `stopped`, and a
+        resume rescores what is left."""
         pending = self._heldout_pending()
+        last_poll, stopped = 0.0, None
         while pending or pool.busy:
+            if time.monotonic() - last_poll > self.config.heartbeat.interval_s:
+                last_poll = time.monotonic()
+                request = self._stop_request()
+                if request == "cancel":
+                    pool.cancel()
+                    self._clear_stop_requests()
+                    return "stopped", "cancel requested during held-out rescoring"
+                if request == "stop" and stopped is None:
+                    pending = []  # the ones running finish; none more starts
+                    stopped = ("stopped", "stop requested during held-out rescoring")
             while pending and pool.idle:
                 row = pending.pop()
                 pool.submit(row.number, row.recipe_json, split="held-out")
             for outcome in pool.wait(timeout=0.5):
                 result = outcome.result
-                if result is None:
+                if result is None and stopped is None:  # its worker died: once more
                     pool.submit(outcome.key, outcome.recipe_json, split="held-out")
                 elif result.error is None:
                     self.store.record_heldout(
@@ -547,6 +563,9 @@ class Coordinator:
                     )
                     kill_point("heldout-stored")
             self._beat.check()
+        if stopped is not None:
+            self._clear_stop_requests()
+        return stopped
 
     def _heldout_pending(self) -> list[TrialRow]:
         """The top-k trials not yet re-scored on the held-out split."""

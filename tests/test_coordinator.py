@@ -87,6 +87,35 @@ def test_a_stop_on_an_earlier_stage_stops_the_chain(zoo_dir, ray_local, store):
     assert store.stop_request("chain") is None and store.stop_request("chain-dfs") is None
 
 
+class StopsDuringHeldout(Store):
+    """A store on which a user presses Stop as soon as one held-out score is recorded."""
+
+    def record_heldout(self, study: str, number: int, metrics, fitness) -> None:
+        super().record_heldout(study, number, metrics, fitness)
+        self.request_stop(study, "stop")
+
+
+def test_a_stop_during_heldout_rescoring_ends_the_run(zoo_dir, ray_local, tmp_path):
+    """Rescoring the top k takes minutes at 7B: a stop ends it (running ones finish, no
+    more start), and a resume rescores the rest."""
+    cfg = StudyConfig.from_yaml(
+        CONFIG.format(name="ho", trials=8).replace("heldout_top_k: 2", "heldout_top_k: 6")
+    )
+    store = StopsDuringHeldout(f"sqlite:///{tmp_path / 'ho.db'}")
+    store.migrate()
+    register(store, cfg)
+    summary = Coordinator(cfg, store).run()
+    assert (summary.status, summary.reason) == (
+        "stopped",
+        "stop requested during held-out rescoring",
+    )
+    scored = [r for r in store.trials("ho") if r.heldout is not None]
+    assert 1 <= len(scored) < 6 and store.stop_request("ho") is None
+    plain = Store(store.url)
+    assert Coordinator(cfg, plain).run().status == "finished"
+    assert len([r for r in plain.trials("ho") if r.heldout is not None]) == 6
+
+
 class DiesOnceWorker(CandidateWorker):
     """Its process exits in the middle of its first evaluation (a real crash, once)."""
 
