@@ -322,9 +322,10 @@ class SourceSet:
         key = stats_cache.content_key(files, device)
         stats = stats_cache.load(key, tensors)
         if stats is None:  # then use the saved file, as the next worker will: mapped, shared
-            stats_cache.save(key, _statistics(tensors, weights, (base_name, *names)))
+            computed = _statistics(tensors, weights, (base_name, *names))
+            saved = stats_cache.save(key, computed)  # False: an unwritable cache, warned
             release_heap()  # the statistics pass's float32 temporaries
-            stats = stats_cache.load(key, tensors)
+            stats = stats_cache.load(key, tensors) if saved else computed
         shapes = base_ckpt.shapes()
         entries = tuple(
             TensorEntry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,16 +87,30 @@ def load(key: str, names: Sequence[str]) -> dict[str, TensorStats] | None:
         return None
 
 
-def save(key: str, stats: dict[str, TensorStats]) -> None:
-    """Write atomically: workers of one node may save the same key at once."""
+def _unwritable(what: Path, e: OSError) -> None:
+    warnings.warn(
+        f"cannot write the statistics cache ({what}: {e}); this worker keeps what it "
+        "computed in its own memory, and every worker and run computes it again",
+        stacklevel=3,
+    )
+
+
+def save(key: str, stats: dict[str, TensorStats]) -> bool:
+    """Write atomically (workers of one node may save the same key at once); False, with a
+    warning, where the cache cannot be written: a cache is best-effort, never a failed run."""
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     flat = {
         f"{n}/{f}": t.contiguous().cpu() for n, s in stats.items() for f, t in s.tensors().items()
     }
     tmp = folder / f".{key}.{os.getpid()}.tmp"
-    save_file(flat, tmp)
-    os.replace(tmp, folder / f"{key}.safetensors")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(flat, tmp)
+        os.replace(tmp, folder / f"{key}.safetensors")
+    except OSError as e:
+        _unwritable(folder, e)
+        return False
+    return True
 
 
 class Derived:
@@ -135,10 +150,15 @@ class Derived:
     def __setitem__(self, name, value: tuple[tuple, torch.Tensor]) -> None:
         """Write atomically (workers of a node may derive the same value at once), then map."""
         tag, tensor = value
-        self._folder.mkdir(parents=True, exist_ok=True)
         path = self._path(name)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        save_file({"value": tensor.contiguous().cpu()}, tmp, metadata={"tag": json.dumps(tag)})
-        os.replace(tmp, path)
+        try:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            save_file({"value": tensor.contiguous().cpu()}, tmp, metadata={"tag": json.dumps(tag)})
+            os.replace(tmp, path)
+        except OSError as e:  # best-effort, as `save`: kept in this worker's memory
+            _unwritable(self._folder, e)
+            self._held[name] = value
+            return
         self._held.pop(name, None)
         self.get(name)

@@ -244,6 +244,25 @@ def test_statistics_are_cached_by_content(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 2
 
 
+def test_an_unwritable_statistics_cache_is_warned_and_builds_the_same_bits(
+    tmp_path, monkeypatch, tiny_llama
+):
+    """A cache that cannot be written (here its stats folder is a file; read-only or full
+    disks alike) costs the cache, never the run: the statistics and DARE's tables stay in
+    the worker's memory, with a warning, and the build's bits are the cached build's."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "ok"))
+    cached = _load(tiny_llama.base, tiny_llama.sources, Placement.HOST)
+    recipe = recipe_for("dare_ties", cached, fixed={"density": 0.6}, seed=3)
+    expected = placed_build(recipe, cached)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "stats").write_text("not a folder")
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "broken"))
+    with pytest.warns(UserWarning, match="cannot write the statistics cache"):
+        uncached = _load(tiny_llama.base, tiny_llama.sources, Placement.HOST)
+    with pytest.warns(UserWarning, match="cannot write the statistics cache"):
+        assert_bits(placed_build(recipe, uncached), expected)
+
+
 def _mapped_file(address: int) -> str:
     """The file mapped at `address` in this process ("" for anonymous memory)."""
     for line in Path("/proc/self/maps").read_text().splitlines():
