@@ -555,8 +555,9 @@ class Coordinator:
                 pool.submit(row.number, row.recipe_json, split="held-out")
             for outcome in pool.wait(timeout=0.5):
                 result = outcome.result
-                if result is None and stopped is None:  # its worker died: once more
-                    pool.submit(outcome.key, outcome.recipe_json, split="held-out")
+                if result is None:  # its worker died: once more, unless stopping
+                    if stopped is None:
+                        pool.submit(outcome.key, outcome.recipe_json, split="held-out")
                 elif result.error is None:
                     self.store.record_heldout(
                         self.config.name, int(outcome.key), result.metrics, result.fitness
