@@ -540,7 +540,8 @@ class Coordinator:
         pending = self._heldout_pending()
         last_poll, stopped = 0.0, None
         while pending or pool.busy:
-            if time.monotonic() - last_poll > self.config.heartbeat.interval_s:
+            due = time.monotonic() - last_poll > self.config.heartbeat.interval_s
+            if due or (pending and pool.idle):  # and always before starting another (k of them)
                 last_poll = time.monotonic()
                 request = self._stop_request()
                 if request == "cancel":
