@@ -51,7 +51,7 @@ def create_app(
         store=store,
         queries=Queries(make_engine(storage_url)),
         launcher=Launcher(
-            storage_url, run_dir or platformdirs.user_state_path("evomerge") / "runs"
+            storage_url, run_dir or platformdirs.user_state_path("evomerge") / "runs", store
         ),
         templates=make_templates(),
         model_roots=tuple(Path(r).resolve() for r in model_roots),

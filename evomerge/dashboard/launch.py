@@ -12,28 +12,41 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from evomerge.config import StudyConfig
 from evomerge.dashboard.paths import PathRefused, child
+from storage import Store, UnknownStudyError
 
 
 class LaunchBusy(RuntimeError):
     """The same command for the same study (or export folder) is still running from here."""
 
 
+@dataclass(frozen=True)
+class _Launch:
+    process: subprocess.Popen
+    at: datetime
+    registers: bool  # a run or resume: once its run record exists, the store says the rest
+
+
 class Launcher:
     """Spawns CLI commands for one study database; logs go under `run_dir`.
 
-    One live process per study (run, resume, fuse) and per export folder: a second click
-    while the first process starts up (a run registers only after its workers start, tens
-    of seconds) is refused with `LaunchBusy` instead of spawning a process that would fail.
+    One starting process per study (run, resume, fuse) and per export folder: a second
+    click while the first process starts up (a run registers only after its workers start,
+    tens of seconds) is refused with `LaunchBusy` instead of spawning a process that would
+    fail. Once a run has registered, the store's status decides (a stopped run's process
+    may still be winding down when its study is resumed).
     """
 
-    def __init__(self, storage_url: str, run_dir: Path) -> None:
+    def __init__(self, storage_url: str, run_dir: Path, store: Store | None = None) -> None:
         self.storage_url = storage_url
         self.run_dir = run_dir
-        self._live: dict[str, subprocess.Popen] = {}
+        self._store = store
+        self._live: dict[str, _Launch] = {}
         self._lock = threading.Lock()
 
     def folder(self, study: str) -> Path:
@@ -54,14 +67,15 @@ class Launcher:
         folder.mkdir(parents=True, exist_ok=True)
         snapshot = folder / f"{_stamp()}-config.yaml"
         snapshot.write_text(config.to_yaml())
-        return self._spawn(config.name, config.name, "run", str(snapshot), "--study", config.name)
+        argv = ("run", str(snapshot), "--study", config.name)
+        return self._spawn(config.name, config.name, *argv, registers=True)
 
     def fuse(self, name: str, config: Path) -> Path:
         """`evomerge fuse` of a fusion config (a new job, or the resume of job `name`)."""
         return self._spawn(name, name, "fuse", str(config))
 
     def resume(self, study: str) -> Path:
-        return self._spawn(study, study, "resume", study)
+        return self._spawn(study, study, "resume", study, registers=True)
 
     def export(self, study: str, number: int, out: Path) -> Path:
         """`evomerge export` of one trial into `out` (a checked folder)."""
@@ -70,11 +84,24 @@ class Launcher:
 
     def busy(self, key: str) -> bool:
         """Whether a process started here for `key` (a study's name, or `export:FOLDER`) is
-        still running."""
-        process = self._live.get(key)
-        return process is not None and process.poll() is None
+        still running and, for a run or resume, has not registered its run yet."""
+        launch = self._live.get(key)
+        if launch is None or launch.process.poll() is not None:
+            return False
+        return not (launch.registers and self._registered(key, launch.at))
 
-    def _spawn(self, study: str, key: str, command: str, *args: str) -> Path:
+    def _registered(self, study: str, since: datetime) -> bool:
+        """Whether `study` has a run that started at `since` or later."""
+        if self._store is None:
+            return False
+        try:
+            return any(r.started_at >= since for r in self._store.runs(study))
+        except UnknownStudyError:  # a new study its process has not created yet
+            return False
+
+    def _spawn(
+        self, study: str, key: str, command: str, *args: str, registers: bool = False
+    ) -> Path:
         folder = self.folder(study)
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"{_stamp()}-{command}.log"
@@ -92,7 +119,7 @@ class Launcher:
                     # Plain, wide text: a log is read in a browser, not a terminal.
                     env={**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"},
                 )
-            self._live[key] = process
+            self._live[key] = _Launch(process, datetime.now(UTC), registers)
         # Reap the child when it exits, so a long-lived dashboard leaves no zombies.
         threading.Thread(target=process.wait, daemon=True).start()
         return log
