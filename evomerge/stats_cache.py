@@ -87,30 +87,31 @@ def load(key: str, names: Sequence[str]) -> dict[str, TensorStats] | None:
         return None
 
 
-def _unwritable(what: Path, e: OSError) -> None:
-    warnings.warn(
-        f"cannot write the statistics cache ({what}: {e}); this worker keeps what it "
-        "computed in its own memory, and every worker and run computes it again",
-        stacklevel=3,
-    )
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata=None) -> bool:
+    """Write `path` atomically (workers of one node may write the same file at once); False,
+    with a warning, where the cache cannot be written: a cache is best-effort, never a
+    failed run."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(
+            f"cannot write the statistics cache ({path.parent}: {e}); this worker keeps what "
+            "it computed in its own memory, and every worker and run computes it again",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def save(key: str, stats: dict[str, TensorStats]) -> bool:
-    """Write atomically (workers of one node may save the same key at once); False, with a
-    warning, where the cache cannot be written: a cache is best-effort, never a failed run."""
-    folder = cache_dir()
+    """Save the statistics under `key`; False where the cache cannot be written (`_write`)."""
     flat = {
         f"{n}/{f}": t.contiguous().cpu() for n, s in stats.items() for f, t in s.tensors().items()
     }
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(flat, tmp)
-        os.replace(tmp, folder / f"{key}.safetensors")
-    except OSError as e:
-        _unwritable(folder, e)
-        return False
-    return True
+    return _write(cache_dir() / f"{key}.safetensors", flat)
 
 
 class Derived:
@@ -148,16 +149,10 @@ class Derived:
         return value
 
     def __setitem__(self, name, value: tuple[tuple, torch.Tensor]) -> None:
-        """Write atomically (workers of a node may derive the same value at once), then map."""
+        """Write (`_write`), then map; kept in this worker's memory where it cannot be."""
         tag, tensor = value
-        path = self._path(name)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        try:
-            self._folder.mkdir(parents=True, exist_ok=True)
-            save_file({"value": tensor.contiguous().cpu()}, tmp, metadata={"tag": json.dumps(tag)})
-            os.replace(tmp, path)
-        except OSError as e:  # best-effort, as `save`: kept in this worker's memory
-            _unwritable(self._folder, e)
+        value_file = {"value": tensor.contiguous().cpu()}
+        if not _write(self._path(name), value_file, metadata={"tag": json.dumps(tag)}):
             self._held[name] = value
             return
         self._held.pop(name, None)
