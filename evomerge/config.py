@@ -173,7 +173,9 @@ class OptimizerConfig(_Frozen):
 
 class BudgetConfig(_Frozen):
     trials: int = Field(100, gt=0, le=MAX_COUNT, description="COMPLETE trials to reach")
-    wall_time_s: float | None = Field(None, gt=0)
+    wall_time_s: float | None = Field(
+        None, gt=0, description="seconds the study may search, over all its runs"
+    )
     target_fitness: float | None = None
     heldout_top_k: int = Field(
         3, ge=0, le=MAX_COUNT, description="best recipes re-scored on held-out data"

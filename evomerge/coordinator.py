@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -218,11 +219,12 @@ class Coordinator:
             # an evolve stage first re-scores where it starts: the selection's merge
             self.study.enqueue_trial(self.space.initial_params())
         self._trials: dict[int, optuna.trial.Trial] = {}
-        self._deaths: dict[int, int] = {}
+        self._deaths: Counter[tuple[int, str]] = Counter()  # (trial, split) -> deaths
         self._consecutive_failures = 0
         self._last_error = ""
         self._selection: Selection | None = None
         self._grid_done = False
+        self._earlier_s = 0.0
 
     def run(self) -> RunSummary:
         t_start = time.monotonic()
@@ -241,13 +243,19 @@ class Coordinator:
         try:
             self.store.set_study_status(self.config.name, "running")
             self._recover_orphans(run_id)
-            if self._counts()[0] >= self.config.budget.trials and not self._heldout_pending():
-                status, reason = "finished", "budget reached"  # no worker needed
+            self._earlier_s = self._earlier_runs_seconds(run_id)
+            complete, _, best = self._counts()
+            spent = self._budget_reason(complete, best, t_start)
+            if spent is not None and not self._heldout_pending():
+                status, reason = "finished", spent  # no worker needed
             else:
                 status, reason = self._search_with_workers(run_id, t_start)
-        except KeyboardInterrupt:
-            self._fail_inflight(list(self._trials), "run interrupted by the user")
-            status, reason = "stopped", "interrupted by the user"
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Ctrl-C, or SIGTERM (`docker compose stop`, a scheduler), which Ray's driver turns
+            # into SystemExit. The status comes first: a second Ctrl-C may cut the rest short.
+            why = "interrupted by the user" if isinstance(e, KeyboardInterrupt) else "terminated"
+            status, reason = "stopped", why
+            self._fail_inflight(list(self._trials), f"run {why}")
             raise
         except LeaseLostError:
             lease_lost = True  # another run owns the study now: leave its records alone
@@ -284,7 +292,7 @@ class Coordinator:
         try:
             status, reason = self._search(pool, run_id, t_start)
             if status == "finished":
-                status, reason = self._rescore_heldout(pool) or (status, reason)
+                status, reason = self._rescore_heldout(pool, reason)
         finally:
             pool.shutdown()
         return status, reason
@@ -295,6 +303,15 @@ class Coordinator:
         failed = sum(t.state == TrialState.FAIL for t in trials)
         best = max(complete, key=lambda t: t.value) if complete else None
         return len(complete), failed, best
+
+    def _earlier_runs_seconds(self, run_id: int) -> float:
+        """The study's search time before this run: `wall_time_s` is the study's budget, so a
+        resume spends what is left of it (a run killed outright counts to its last beat)."""
+        return sum(
+            ((r.ended_at or r.heartbeat_at) - r.started_at).total_seconds()
+            for r in self.store.runs(self.config.name)
+            if r.id != run_id
+        )
 
     def _recover_orphans(self, run_id: int) -> None:
         """Repair what a dead run left: every RUNNING Optuna trial is told its stored result,
@@ -487,7 +504,8 @@ class Coordinator:
             return "every router candidate scored"
         if complete >= budget.trials:
             return "budget reached"
-        if budget.wall_time_s is not None and time.monotonic() - t_start > budget.wall_time_s:
+        elapsed = self._earlier_s + time.monotonic() - t_start
+        if budget.wall_time_s is not None and elapsed > budget.wall_time_s:
             return "wall time reached"
         if budget.target_fitness is not None and best and best.value >= budget.target_fitness:
             return "target fitness reached"
@@ -497,8 +515,7 @@ class Coordinator:
         number = int(outcome.key)
         result = outcome.result
         if result is None:
-            self._deaths[number] = self._deaths.get(number, 0) + 1
-            if self._deaths[number] < MAX_WORKER_DEATHS:
+            if self._rerun_after_death(number, "search"):
                 self.store.record_attempt(self.config.name, number)
                 pool.submit(number, outcome.recipe_json)  # same parameters, same generation
                 return
@@ -533,12 +550,20 @@ class Coordinator:
             if trial is not None:
                 self._abandon(trial.number, trial.params, why)
 
-    def _rescore_heldout(self, pool: WorkerPool) -> tuple[str, str] | None:
+    def _rerun_after_death(self, number: int, split: str) -> bool:
+        """Whether a trial whose worker died runs again: a candidate that kills its worker
+        every time (an OOM kill, a crash in a kernel) must not restart workers forever."""
+        self._deaths[number, split] += 1
+        return self._deaths[number, split] < MAX_WORKER_DEATHS
+
+    def _rescore_heldout(self, pool: WorkerPool, reason: str) -> tuple[str, str]:
         """Score the top-k recipes on the held-out split: the search split is overfitted.
         A stop request ends it (at 7B it takes minutes): the run is then `stopped`, and a
-        resume rescores what is left."""
+        resume rescores what is left. A rescoring that fails is named in the run's reason
+        (the search itself finished); a resume tries it again."""
         pending = self._heldout_pending()
         last_poll, stopped = 0.0, None
+        failed: list[str] = []
         while pending or pool.busy:
             due = time.monotonic() - last_poll > self.config.heartbeat.interval_s
             if due or (pending and pool.idle):  # and always before starting another (k of them)
@@ -551,23 +576,33 @@ class Coordinator:
                 if request == "stop" and stopped is None:
                     pending = []  # the ones running finish; none more starts
                     stopped = ("stopped", "stop requested during held-out rescoring")
+            if pending and not (pool.idle or pool.busy or pool.recovering):
+                raise WorkersLostError("every worker is gone and Ray cannot restart any")
             while pending and pool.idle:
                 row = pending.pop()
                 pool.submit(row.number, row.recipe_json, split="held-out")
             for outcome in pool.wait(timeout=0.5):
-                result = outcome.result
-                if result is None:  # its worker died: once more, unless stopping
-                    if stopped is None:
-                        pool.submit(outcome.key, outcome.recipe_json, split="held-out")
+                number, result = int(outcome.key), outcome.result
+                if result is None:
+                    if stopped is None and self._rerun_after_death(number, "held-out"):
+                        pool.submit(number, outcome.recipe_json, split="held-out")
+                    elif stopped is None:
+                        failed.append(f"{number} (worker died {MAX_WORKER_DEATHS} times)")
                 elif result.error is None:
                     self.store.record_heldout(
-                        self.config.name, int(outcome.key), result.metrics, result.fitness
+                        self.config.name, number, result.metrics, result.fitness
                     )
                     kill_point("heldout-stored")
+                else:
+                    failed.append(f"{number} ({result.error})")
             self._beat.check()
         if stopped is not None:
             self._clear_stop_requests()
-        return stopped
+            return stopped
+        if failed:
+            log.warning("held-out rescoring failed for trial %s", "; ".join(failed))
+            return "finished", f"{reason}; held-out rescoring failed for trial {'; '.join(failed)}"
+        return "finished", reason
 
     def _heldout_pending(self) -> list[TrialRow]:
         """The top-k trials not yet re-scored on the held-out split."""

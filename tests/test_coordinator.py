@@ -87,6 +87,28 @@ def test_a_stop_on_an_earlier_stage_stops_the_chain(zoo_dir, ray_local, store):
     assert store.stop_request("chain") is None and store.stop_request("chain-dfs") is None
 
 
+class NeverStartsWorker(CandidateWorker):
+    """A run that starts workers with this class fails (`WorkerStartError`)."""
+
+    def __init__(self, spec) -> None:
+        raise RuntimeError("this run should have needed no worker")
+
+
+def test_wall_time_is_the_studys_over_all_its_runs(zoo_dir, ray_local, sqlite_store):
+    """A study that ended on its wall time is spent: a resume ends at once, starting no
+    worker (at 7B that is minutes of loading), instead of searching another window."""
+    yaml = CONFIG.format(name="wall", trials=40).replace("heldout_top_k: 2", "wall_time_s: 1")
+    cfg = StudyConfig.from_yaml(yaml)
+    register(sqlite_store, cfg)
+    first = Coordinator(cfg, sqlite_store).run()
+    assert (first.status, first.reason) == ("finished", "wall time reached")
+    trials = len(sqlite_store.trials("wall"))
+    again = Coordinator(cfg, sqlite_store, worker_cls=NeverStartsWorker).run()
+    assert (again.status, again.reason) == ("finished", "wall time reached")
+    assert len(sqlite_store.trials("wall")) == trials
+    assert [r.exit_reason for r in sqlite_store.runs("wall")] == ["wall time reached"] * 2
+
+
 class StopsDuringHeldout(Store):
     """A store on which a user presses Stop as soon as one held-out score is recorded."""
 
@@ -117,10 +139,13 @@ def test_a_stop_during_heldout_rescoring_ends_the_run(zoo_dir, ray_local, tmp_pa
 
 
 class DiesOnceWorker(CandidateWorker):
-    """Its process exits in the middle of its first evaluation (a real crash, once)."""
+    """Its process exits in the middle of its first evaluation (a real crash, once), and in
+    every held-out one (a candidate that kills its worker each time it is scored)."""
 
     def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
         marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+        if split == "held-out":
+            os._exit(1)
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)
@@ -145,13 +170,20 @@ def test_worker_death_reruns_the_trial(zoo_dir, ray_local, sqlite_store, tmp_pat
     from workers.pool import connect
 
     connect(None, num_cpus=2)
-    cfg = make_config("dies", trials=4)
+    yaml = CONFIG.format(name="dies", trials=4).replace("heldout_top_k: 2", "heldout_top_k: 1")
+    cfg = StudyConfig.from_yaml(yaml)
     register(store, cfg)
     summary = Coordinator(cfg, store, worker_cls=DiesOnceWorker).run()
     assert marker.exists(), "the worker never died"
     rows = store.trials(cfg.name)
     assert summary.complete == 4 and summary.failed == 0, [r.error for r in rows]
     assert len(rows) == 4 and sorted(r.attempts for r in rows)[-2:] == [1, 2]  # the rerun
+    # the held-out rescoring gave up after three deaths instead of restarting workers forever
+    (best,) = store.best(cfg.name, top=1)
+    assert summary.status == "finished" and best.heldout is None
+    assert summary.reason == (
+        f"budget reached; held-out rescoring failed for trial {best.number} (worker died 3 times)"
+    )
 
 
 class NaNOnOddTrialsWorker(CandidateWorker):
@@ -263,10 +295,18 @@ def test_second_coordinator_is_refused_then_resume_takes_over(zoo_dir, tmp_path)
     first.wait()
     time.sleep(3.5)
     third = _evomerge("resume", "two", env=env)
-    while len(store.runs("two")) < 2:
+
+    def third_asked() -> bool:  # its workers are up: Ray's driver handles SIGTERM from then
+        runs = store.runs("two")
+        return len(runs) == 2 and any(r.run_id == runs[1].id for r in store.trials("two"))
+
+    while not third_asked():
         time.sleep(0.2)
-    store.request_stop("two", "stop")
+    # SIGTERM (`docker compose stop`) ends the run as stopped, not as a coordinator error
+    third.send_signal(signal.SIGTERM)
     out, _ = third.communicate(timeout=300)
-    assert third.returncode == 0, out
+    assert third.returncode != 0 and "`evomerge resume two` goes on" in " ".join(out.split())
     runs = store.runs("two")
-    assert [r.status for r in runs][-1] == "stopped" and len(runs) == 2
+    assert [(r.status, r.exit_reason) for r in runs][-1] == ("stopped", "terminated"), out
+    assert len(runs) == 2 and store.get_study("two").status == "stopped"
+    assert not store.trials("two", state="RUNNING")

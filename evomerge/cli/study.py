@@ -123,6 +123,9 @@ def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] 
             raise fail(str(e), 3) from e
         except (WorkerStartError, WorkersLostError) as e:  # recorded as the run's exit reason
             raise fail(f"study {config.name!r} failed: {e}", 1) from e
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the run is recorded stopped
+            console.print(f"study {config.name!r} stopped; `evomerge resume {config.name}` goes on")
+            raise
     console.print(
         f"study [bold]{summary.study}[/]: {summary.status} ({summary.reason}); "
         f"{summary.complete} complete, {summary.failed} failed in {summary.seconds:.0f} s"
