@@ -37,8 +37,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# CI's share of the slow tests: all but the demo zoo's build (see .ci/run).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not demo_zoo" --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

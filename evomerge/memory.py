@@ -62,8 +62,9 @@ class WorkerPlan:
 
     def lines(self) -> list[str]:
         have = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
+        size = f"{self.params / 1e9:.2f}B" if self.params >= 1e9 else f"{self.params / 1e6:.2f}M"
         out = [
-            f"{self.params / 1e9:.2f}B parameters a model; device memory {have} ({self.where}), "
+            f"{size} parameters a model; device memory {have} ({self.where}), "
             f"planned up to {MARGIN:.0%}; evaluation at batch {self.batch} (fitness.batch_size)",
             f"{'GiB':<10}{'sources':>10}{'stats':>10}{'candidate':>11}{'build':>10}"
             f"{'eval':>10}{'total':>10}  fits",

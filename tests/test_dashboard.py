@@ -236,9 +236,13 @@ def test_similarity_page_draws_the_matrix_and_its_clusters(client: TestClient) -
     assert client.get("/studies/nope/similarity").status_code == 404
 
 
-def test_failed_trial_shows_its_error(client: TestClient) -> None:
+def test_failed_trial_shows_its_error(client: TestClient, filled: str) -> None:
     page = client.get("/studies/ties-done/trials/12").text
     assert "NaN logits" in text_of(page, "error")
+    assert text_of(page, "unscored") == "This trial is FAIL: its checkpoint would be unscored."
+    with Store(filled) as store:
+        best = store.best("ties-done", top=1)[0].number
+    assert 'id="unscored"' not in client.get(f"/studies/ties-done/trials/{best}").text
 
 
 def test_recipe_json_download_round_trips(client: TestClient, filled: str) -> None:

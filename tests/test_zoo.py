@@ -295,6 +295,7 @@ def test_cli_eval_json_and_errors(zoo_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.demo_zoo
 def test_demo_zoo_meets_its_floors(tmp_path: Path) -> None:
     """The demo zoo (about 6 minutes on 2 cores): the numbers the README promises."""
     root = build_zoo("demo", progress=False)

@@ -357,6 +357,9 @@ def export_trial(
         missing = "complete trial" if trial is None else f"trial {trial}"
         raise fail(f"study {study!r} has no {missing}", 2)
     row = rows[0]
+    if row.state != "COMPLETE":
+        said = f"trial {row.number} is {row.state} ({row.error}): the checkpoint is unscored"
+        console.print(said, highlight=False, markup=False)
     cfg = StudyConfig.from_yaml(store.get_study(study).config_yaml)
     scores = {
         "search": row.metrics,
