@@ -44,7 +44,7 @@ from evomerge.killpoints import kill_point
 from evomerge.models import check_shared_tokenizer
 from evomerge.recipe import layer_group_names
 from evomerge.space import DataFlowSpace, MixtureSpace, SearchSpace
-from storage import RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
+from storage import REASKED, RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
 
@@ -54,7 +54,6 @@ GENERATION_ATTR = "cma:generation"
 # interrupted in its turn never re-asks the same parameters twice.
 RERUN_OF = "evomerge:rerun_of"
 # How the error of an abandoned trial ends: a failure of the run, not of the candidate.
-REASKED = "parameters re-asked"
 log = logging.getLogger(__name__)
 
 
@@ -300,7 +299,8 @@ class Coordinator:
     def _counts(self) -> tuple[int, int, FrozenTrial | None]:
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        failed = sum(t.state == TrialState.FAIL for t in trials)
+        reasked = {t.user_attrs.get(RERUN_OF) for t in trials}  # interrupted, not failed
+        failed = sum(t.state == TrialState.FAIL and t.number not in reasked for t in trials)
         best = max(complete, key=lambda t: t.value) if complete else None
         return len(complete), failed, best
 

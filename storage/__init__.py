@@ -16,10 +16,19 @@ from storage.errors import (
     UnknownStudyError,
     UnknownTrialError,
 )
-from storage.records import FusionJobInfo, RunInfo, StudyInfo, StudySummary, TrialRow
-from storage.store import RUN_INTERRUPTED, Store
+from storage.records import (
+    REASKED,
+    RUN_INTERRUPTED,
+    FusionJobInfo,
+    RunInfo,
+    StudyInfo,
+    StudySummary,
+    TrialRow,
+)
+from storage.store import Store
 
 __all__ = [
+    "REASKED",
     "RUN_INTERRUPTED",
     "FusionJobInfo",
     "LeaseLostError",

@@ -7,7 +7,7 @@ from typing import Literal
 
 import sqlalchemy as sa
 
-from storage.records import RunInfo, TrialRow
+from storage.records import REASKED, RUN_INTERRUPTED, RunInfo, TrialRow
 from storage.schema import runs, studies, trials
 
 TRIAL_COLUMNS = [
@@ -59,13 +59,17 @@ def best_select(
 
 
 def summary_select() -> sa.Select[tuple[object, ...]]:
-    """Studies with trial counts, best fitness and latest activity, in creation order."""
+    """Studies with trial counts, best fitness and latest activity, in creation order.
+    A trial failed only to be asked again (its run stopped or died) is not counted failed."""
+    error = sa.func.coalesce(trials.c.error, "")
+    interrupted = (error == RUN_INTERRUPTED) | error.endswith(REASKED, autoescape=True)
+    failed = (trials.c.state == "FAIL") & ~interrupted
     t = (
         sa.select(
             trials.c.study_id,
             sa.func.count().filter(trials.c.state != "RUNNING").label("trials_done"),
             sa.func.count().filter(trials.c.state == "COMPLETE").label("trials_complete"),
-            sa.func.count().filter(trials.c.state == "FAIL").label("trials_failed"),
+            sa.func.count().filter(failed).label("trials_failed"),
             sa.func.count().filter(trials.c.state == "RUNNING").label("trials_running"),
             sa.func.max(trials.c.fitness)
             .filter(trials.c.state == "COMPLETE")

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+# The error of a trial whose run died under it; resume fails it in Optuna and re-asks it.
+RUN_INTERRUPTED = "run interrupted (heartbeat lost)"
+# How the error of a trial failed only to be asked again ends (a stop, a crash, a resume).
+REASKED = "parameters re-asked"
+
 
 @dataclass(frozen=True)
 class StudyInfo:

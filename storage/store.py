@@ -41,7 +41,14 @@ from storage.errors import (
     UnknownTrialError,
     translated,
 )
-from storage.records import FusionJobInfo, RunInfo, StudyInfo, StudySummary, TrialRow
+from storage.records import (
+    RUN_INTERRUPTED,
+    FusionJobInfo,
+    RunInfo,
+    StudyInfo,
+    StudySummary,
+    TrialRow,
+)
 from storage.schema import (
     FUSION_STATUSES,
     RUN_STATUSES,
@@ -77,8 +84,6 @@ _RESULT_FIELDS = (
 
 _STUDY_FIELDS = frozenset(f.name for f in fields(StudyInfo))
 _JOB_FIELDS = frozenset(f.name for f in fields(FusionJobInfo))
-# The error of a trial whose run died under it; resume fails it in Optuna and re-asks it.
-RUN_INTERRUPTED = "run interrupted (heartbeat lost)"
 
 
 def _now() -> datetime:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -22,9 +23,9 @@ import ray
 from optuna.trial import TrialState
 
 from evomerge.config import StudyConfig
-from evomerge.coordinator import REASKED, RERUN_OF, Coordinator
+from evomerge.coordinator import RERUN_OF, Coordinator
 from evomerge.killpoints import ENV, KILL_POINTS
-from storage import Store
+from storage import REASKED, Store
 from tests.test_coordinator import _evomerge as start_evomerge
 from tests.test_dataflow_study import PS_DFS
 
@@ -126,6 +127,8 @@ def test_one_resume_repairs_a_kill_at(point, backend, zoo_dir, tmp_path, request
     del env[ENV]
     resumed = _evomerge("resume", name, env=env)
     assert resumed.returncode == 0, resumed.stdout
+    # the trials the kill interrupted were re-asked, not failed
+    assert set(re.findall(r"(\d+) failed in", " ".join(resumed.stdout.split()))) == {"0"}
     store = Store(url)
     store.migrate()
     assert_repaired(store, name, 4)

@@ -28,6 +28,8 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.recipe import Recipe
 from storage import (
+    REASKED,
+    RUN_INTERRUPTED,
     LeaseLostError,
     SchemaError,
     StorageLockedError,
@@ -325,16 +327,19 @@ def test_studies_and_summaries(store: Store, db_url: str) -> None:
     complete(store, "a", 1, 0.5)
     store.record_trial_started("a", run_id, 2, 1, recipe(), "w0")
     store.record_trial_finished("a", 2, "FAIL", None, None, error="worker died")
+    for number, why in ((4, f"cancelled; {REASKED}"), (5, RUN_INTERRUPTED), (6, None)):
+        store.record_trial_started("a", run_id, number, 1, recipe(), "w0")
+        store.record_trial_finished("a", number, "FAIL", None, None, error=why)
     store.record_trial_started("a", run_id, 3, 1, recipe(), "w0")
-    a, b = store.list_studies()
-    assert (a.name, a.status, a.trials_done, a.trials_running) == ("a", "running", 3, 1)
-    assert (a.trials_complete, a.trials_failed) == (2, 1)
+    a, b = store.list_studies()  # failed: 2 and 6; 4 and 5 were only interrupted
+    assert (a.name, a.status, a.trials_done, a.trials_running) == ("a", "running", 6, 1)
+    assert (a.trials_complete, a.trials_failed) == (2, 2)
     assert (a.budget_trials, a.best_fitness, a.stop_request) == (5, 0.5, None)
     assert a.last_activity >= a.last_heartbeat >= a.created_at
     shown = CliRunner().invoke(app, ["status", "--storage", db_url], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     row = next(line for line in shown.output.splitlines() if " a " in line)
-    assert [c.strip() for c in row.split("│")[3:5]] == ["2/5", "1"], shown.output  # of the budget
+    assert [c.strip() for c in row.split("│")[3:5]] == ["2/5", "2"], shown.output  # of the budget
     assert (b.name, b.status, b.trials_done, b.best_fitness, b.budget_trials) == (
         "b",
         "created",
