@@ -70,7 +70,28 @@ def parse_config(cls: type[Model], text: str, source: str, what: str, **override
     try:
         return cls.model_validate(data)
     except ValidationError as e:
+        kind = _kind_of(data)
+        if kind is not None and kind != what:
+            raise ConfigError(
+                f"{source}: a {kind} config, not a {what} one: "
+                f"run it with `evomerge {CONFIG_COMMANDS[kind]} {source}`"
+            ) from e
         raise ConfigError(f"{source}: invalid {what} config\n{field_errors(e)}") from e
+
+
+# Each kind of config and the command that runs it: a file given to the wrong command is
+# named as what it is, not as a list of fields that command does not know.
+CONFIG_COMMANDS = {"study": "run", "glue": "glue", "fusion": "fuse"}
+
+
+def _kind_of(data: dict) -> str | None:
+    """The one kind of config whose fields hold every top-level key of `data`, if any."""
+    from evomerge.fusion.job import FusionConfig  # they build on this module
+    from evomerge.glue.pipeline import GlueConfig
+
+    kinds = {"study": StudyConfig, "glue": GlueConfig, "fusion": FusionConfig}
+    fits = [kind for kind, model in kinds.items() if set(data) <= set(model.model_fields)]
+    return fits[0] if len(fits) == 1 else None
 
 
 def field_errors(e: ValidationError) -> str:

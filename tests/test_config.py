@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from evomerge.cli import app
 from evomerge.config import ConfigError, StudyConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,6 +69,30 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     StudyConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "said"),
+    [
+        ("run", "glue/demo.yaml", "a glue config, not a study one: run it with `evomerge glue"),
+        (
+            "plan",
+            "fusion/demo.yaml",
+            "a fusion config, not a study one: run it with `evomerge fuse",
+        ),
+        ("glue", "demo.yaml", "a study config, not a glue one: run it with `evomerge run"),
+        ("fuse", "glue/demo.yaml", "a glue config, not a fusion one: run it with `evomerge glue"),
+    ],
+)
+def test_a_config_given_to_the_wrong_command_is_named_as_what_it_is(
+    command, config, said, tmp_path
+):
+    db = tmp_path / "none.db"
+    storage = ["--storage", f"sqlite:///{db}"] if command != "plan" else []
+    args = [command, str(CONFIGS / config), *storage]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not db.exists()
 
 
 DFS = """
