@@ -38,6 +38,7 @@ def anchor(ref: str, folder: Path) -> str:
 EVAL_BATCH = 128  # sequences scored per forward pass, unless fitness.batch_size says
 # A chain's later studies are named after its first: NAME + suffix.
 DFS_STAGE, EVOLVE_STAGE, MIX_STAGE = "-dfs", "-evolve", "-mix"
+STAGES = (DFS_STAGE, EVOLVE_STAGE, MIX_STAGE)  # the names a chain's later stage runs under
 
 
 class ConfigError(ValueError):

@@ -250,8 +250,8 @@ class Coordinator:
             else:
                 status, reason = self._search_with_workers(run_id, t_start)
         except (KeyboardInterrupt, SystemExit) as e:
-            # Ctrl-C, or SIGTERM (`docker compose stop`, a scheduler), which Ray's driver turns
-            # into SystemExit. The status comes first: a second Ctrl-C may cut the rest short.
+            # Ctrl-C, or SIGTERM (`kill`, a scheduler's stop), which Ray's driver turns into
+            # SystemExit. The status comes first: a second Ctrl-C may cut the rest short.
             why = "interrupted by the user" if isinstance(e, KeyboardInterrupt) else "terminated"
             status, reason = "stopped", why
             self._fail_inflight(list(self._trials), f"run {why}")
@@ -308,7 +308,9 @@ class Coordinator:
         """The study's search time before this run: `wall_time_s` is the study's budget, so a
         resume spends what is left of it (a run killed outright counts to its last beat)."""
         return sum(
-            ((r.ended_at or r.heartbeat_at) - r.started_at).total_seconds()
+            max(0.0, ((r.ended_at or r.heartbeat_at) - r.started_at).total_seconds())
+            if r.status != "interrupted"  # ended when a later run took over: the downtime
+            else max(0.0, (r.heartbeat_at - r.started_at).total_seconds())
             for r in self.store.runs(self.config.name)
             if r.id != run_id
         )

@@ -62,7 +62,8 @@ class WorkerPlan:
 
     def lines(self) -> list[str]:
         have = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
-        size = f"{self.params / 1e9:.2f}B" if self.params >= 1e9 else f"{self.params / 1e6:.2f}M"
+        big = self.params >= 1e9
+        size = f"{self.params / 1e9:.3g}B" if big else f"{self.params / 1e6:.3g}M"
         out = [
             f"{size} parameters a model; device memory {have} ({self.where}), "
             f"planned up to {MARGIN:.0%}; evaluation at batch {self.batch} (fitness.batch_size)",

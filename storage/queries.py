@@ -58,12 +58,17 @@ def best_select(
     return query.order_by(value.desc(), studies.c.name, trials.c.number).limit(top)
 
 
+def reasked(error: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
+    """Whether a FAIL trial's `error` says it was only cut short (a stop, a crash) and its
+    parameters asked again: an interruption, not a failed candidate."""
+    said = sa.func.coalesce(error, "")
+    return (said == RUN_INTERRUPTED) | said.endswith(REASKED, autoescape=True)
+
+
 def summary_select() -> sa.Select[tuple[object, ...]]:
     """Studies with trial counts, best fitness and latest activity, in creation order.
     A trial failed only to be asked again (its run stopped or died) is not counted failed."""
-    error = sa.func.coalesce(trials.c.error, "")
-    interrupted = (error == RUN_INTERRUPTED) | error.endswith(REASKED, autoescape=True)
-    failed = (trials.c.state == "FAIL") & ~interrupted
+    failed = (trials.c.state == "FAIL") & ~reasked(trials.c.error)
     t = (
         sa.select(
             trials.c.study_id,

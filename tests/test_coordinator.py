@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy as sa
 import torch
 
 from evomerge.config import StudyConfig
 from evomerge.coordinator import GENERATION_ATTR, Coordinator
 from evomerge.recipe import Recipe
 from storage import Store
+from storage.schema import runs
 from tests.test_dataflow_study import DFS
 from workers.actor import CandidateWorker, TrialResult
 
@@ -107,6 +110,25 @@ def test_wall_time_is_the_studys_over_all_its_runs(zoo_dir, ray_local, sqlite_st
     assert (again.status, again.reason) == ("finished", "wall time reached")
     assert len(sqlite_store.trials("wall")) == trials
     assert [r.exit_reason for r in sqlite_store.runs("wall")] == ["wall time reached"] * 2
+
+
+def test_a_crashed_runs_downtime_is_not_search_time(zoo_dir, ray_local, sqlite_store):
+    """A run killed after 10 s and resumed an hour later has spent 10 s of the study's wall
+    time (to its last heartbeat), not the hour until the resume took over."""
+    budget = "heldout_top_k: 0, wall_time_s: 600"
+    cfg = StudyConfig.from_yaml(
+        CONFIG.format(name="down", trials=2).replace("heldout_top_k: 2", budget)
+    )
+    register(sqlite_store, cfg)
+    sqlite_store.start_run("down", pid=1, host="elsewhere", stale_after_s=3)
+    beat = datetime.now(UTC) - timedelta(hours=1)
+    with sa.create_engine(sqlite_store.url).begin() as conn:
+        conn.execute(
+            sa.update(runs).values(started_at=beat - timedelta(seconds=10), heartbeat_at=beat)
+        )
+    summary = Coordinator(cfg, sqlite_store).run()
+    assert (summary.status, summary.reason, summary.complete) == ("finished", "budget reached", 2)
+    assert [r.status for r in sqlite_store.runs("down")] == ["interrupted", "finished"]
 
 
 class StopsDuringHeldout(Store):
@@ -300,7 +322,9 @@ def test_second_coordinator_is_refused_then_resume_takes_over(zoo_dir, tmp_path)
         runs = store.runs("two")
         return len(runs) == 2 and any(r.run_id == runs[1].id for r in store.trials("two"))
 
+    deadline = time.monotonic() + 120
     while not third_asked():
+        assert time.monotonic() < deadline and third.poll() is None, third.communicate()[0]
         time.sleep(0.2)
     # SIGTERM (`docker compose stop`) ends the run as stopped, not as a coordinator error
     third.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,7 @@ def test_ps_dfs_chains_stage_two_and_is_queried_like_any_study(zoo_dir, tmp_path
     cfg_path.write_text(PS_DFS)
     done = _cli("run", str(cfg_path), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"│ psdfs-dfs\s*│\s*\d+\s*│", done.stdout), done.stdout  # stage 2's best
     store = Store(url)
     stage1 = store.best("psdfs", top=1, by="heldout")[0]
     rows = store.trials("psdfs-dfs", state="COMPLETE")

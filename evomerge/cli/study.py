@@ -14,7 +14,7 @@ from rich.table import Table
 
 from evomerge.cli.app import app, console, fail
 from evomerge.cli.plan import refuse_unfit
-from evomerge.config import ConfigError, HeartbeatConfig, StudyConfig
+from evomerge.config import STAGES, ConfigError, HeartbeatConfig, StudyConfig
 from evomerge.killpoints import kill_point
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -216,7 +216,7 @@ def run(
     refuse_unfit(cfg)
     store = _open_store(url)
     _drive(cfg, store, new=True)
-    _print_best(store, cfg.name, top=3)
+    _print_chain_best(store, cfg.name)
 
 
 @app.command()
@@ -230,7 +230,14 @@ def resume(study: str, storage: StorageOpt = None) -> None:
     cfg = StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r}")
     _preflight(cfg, url)
     _drive(cfg, store, new=False)
-    _print_best(store, study, top=3)
+    _print_chain_best(store, study)
+
+
+def _print_chain_best(store, study: str) -> None:
+    """The best of the study, and of each later stage of its chain (PS+DFS's routes, ...)."""
+    for name in (study, *(study + s for s in STAGES)):
+        if store.get_study(name, missing_ok=True) is not None:
+            _print_best(store, name, top=3)
 
 
 @app.command()
@@ -358,7 +365,8 @@ def export_trial(
         raise fail(f"study {study!r} has no {missing}", 2)
     row = rows[0]
     if row.state != "COMPLETE":
-        said = f"trial {row.number} is {row.state} ({row.error}): the checkpoint is unscored"
+        why = f" ({row.error})" if row.error else ""
+        said = f"trial {row.number} is {row.state}{why}: the checkpoint is unscored"
         console.print(said, highlight=False, markup=False)
     cfg = StudyConfig.from_yaml(store.get_study(study).config_yaml)
     scores = {

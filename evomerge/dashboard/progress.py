@@ -36,8 +36,9 @@ def latest_generations(points: list[Point], last: int = 2) -> list[Generation]:
 
 
 def charts(points: list[Point]) -> dict[str, Any]:
-    """Fitness over trial numbers and over time; running trials are left out."""
+    """Fitness over trial numbers and over time; running and re-asked trials are left out."""
     done = [p for p in points if p.finished_s is not None and p.state != "RUNNING"]
+    done = [p for p in done if not p.reasked]
     scored_n = [(float(p.number), p.fitness) for p in done if p.fitness is not None]
     failed_n = [float(p.number) for p in done if p.fitness is None]
     by_time = sorted(done, key=lambda p: p.finished_s)

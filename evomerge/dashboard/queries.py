@@ -19,6 +19,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from storage import UnknownStudyError
 from storage.db import transaction
+from storage.queries import reasked
 from storage.schema import studies, trials
 
 
@@ -46,6 +47,7 @@ class Point(NamedTuple):
     state: str
     fitness: float | None  # None for a failed or running trial
     finished_s: float | None  # seconds since the Unix epoch; None while running
+    reasked: bool  # a FAIL cut short by a stop or a crash, its parameters asked again
 
 
 class epoch_seconds(FunctionElement[float]):
@@ -110,7 +112,7 @@ class Queries:
             return [TrialLine(**row._mapping) for row in conn.execute(query)]
 
     def points(self, study: str) -> list[Point]:
-        """Every trial, by number, in five columns: one pass feeds every chart and count
+        """Every trial, by number, in six columns: one pass feeds every chart and count
         (each row read costs a B-tree seek, so the study page reads the trials once)."""
         with transaction(self.engine, write=False) as conn:
             query = (
@@ -120,6 +122,7 @@ class Queries:
                     trials.c.state,
                     trials.c.fitness,
                     epoch_seconds(trials.c.finished_at),
+                    (trials.c.state == "FAIL") & reasked(trials.c.error),
                 )
                 .where(trials.c.study_id == self._study_id(conn, study))
                 .order_by(trials.c.number)

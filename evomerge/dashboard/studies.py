@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from evomerge.config import DFS_STAGE, EVOLVE_STAGE, MIX_STAGE, ConfigError, StudyConfig
+from evomerge.config import STAGES, ConfigError, StudyConfig
 from evomerge.dashboard.configform import FieldError, check_config, preflight_errors
 from evomerge.dashboard.context import Context, context, read_form, study_url
 from evomerge.dashboard.launch import tail
@@ -21,7 +21,6 @@ from storage import StudySummary, UnknownStudyError
 
 router = APIRouter()
 Ctx = Annotated[Context, Depends(context)]
-STAGES = (DFS_STAGE, EVOLVE_STAGE, MIX_STAGE)
 PAGE_SIZE = 25
 # Short notes a redirect may show; the query string picks one, never supplies its text.
 NOTES = {
@@ -151,7 +150,7 @@ def _study_values(ctx: Context, name: str, table: TableState) -> dict[str, Any]:
         "pages": pages,
         "total": len(points),
         "complete": sum(p.state == "COMPLETE" for p in points),
-        "failed": sum(p.state == "FAIL" for p in points),
+        "failed": sum(p.state == "FAIL" and not p.reasked for p in points),
         "columns": SORTABLE,
         **charts(points),
     }
