@@ -25,7 +25,13 @@ from evomerge.dashboard import create_app
 from evomerge.dashboard.charts import best_so_far, nice_ticks, thin
 from evomerge.dashboard.configform import MAX_ERRORS
 from evomerge.dashboard.guard import COOKIE
-from evomerge.dashboard.sample import NUM_LAYERS, SOURCES, config_yaml, fill_study
+from evomerge.dashboard.sample import (
+    NUM_LAYERS,
+    SOURCES,
+    config_yaml,
+    fill_study,
+    one_trial_study,
+)
 from evomerge.recipe import Recipe, layer_group_names
 from storage import Store
 
@@ -565,13 +571,8 @@ def test_export_builds_a_checkpoint_in_the_export_folder(
         groups=groups,
         params={"weight": ((0.6, 0.4),) * len(groups)},
     )
-    text = config_yaml("exportable", "task_arithmetic", sources=sources, zoo="test")
     with Store(filled) as store:
-        store.create_study("exportable", text, optuna_study_name="exportable", budget_trials=1)
-        run_id = store.start_run("exportable", pid=1, host="h", stale_after_s=30)
-        store.record_trial_started("exportable", run_id, 0, 0, recipe)
-        store.record_trial_finished("exportable", 0, "COMPLETE", {"zoo:add": 0.5}, 0.5)
-        store.end_run(run_id, "finished")
+        one_trial_study(store, "exportable", recipe, fitness=0.5)
     r = client.post("/studies/exportable/trials/0/export", data={"folder": "ckpt"})
     assert r.headers["location"] == "/studies/exportable/trials/0?note=export"
     out = dirs["exports"] / "ckpt"

@@ -263,30 +263,24 @@ def test_export_says_when_mergekit_cannot_rebuild_it(tmp_path):
     }
 
 
+SOURCE_PAIR = ("zoo:add", "zoo:reverse")
+
+
 def test_cli_export_of_a_failed_trial_says_it_is_unscored(zoo_dir, tmp_path):
     """A FAIL trial's recipe still builds (an out-of-memory at scoring, say), but what comes
     out was never scored: the export says so."""
-    from evomerge.dashboard.sample import config_yaml
+    from evomerge.dashboard.sample import one_trial_study
     from storage import Store
 
-    sources = ("zoo:add", "zoo:reverse")
     groups = layer_group_names(4, 2)
+    weights = {"weight": ((0.5, 0.5),) * len(groups)}
     recipe = Recipe(
-        method="linear",
-        base="zoo:base",
-        sources=sources,
-        groups=groups,
-        params={"weight": ((0.5, 0.5),) * len(groups)},
+        method="linear", base="zoo:base", sources=SOURCE_PAIR, groups=groups, params=weights
     )
     url = f"sqlite:///{tmp_path / 'failed.db'}"
     with Store(url) as store:
         store.migrate()
-        text = config_yaml("failed", "linear", sources=sources, zoo="test")
-        store.create_study("failed", text, optuna_study_name="failed", budget_trials=1)
-        run_id = store.start_run("failed", pid=1, host="h", stale_after_s=30)
-        store.record_trial_started("failed", run_id, 0, 0, recipe)
-        store.record_trial_finished("failed", 0, "FAIL", error="CUDA out of memory")
-        store.end_run(run_id, "finished")
+        one_trial_study(store, "failed", recipe, "FAIL", error="CUDA out of memory")
     args = ["export", "failed", "--trial", "0", "--out", str(tmp_path / "out"), "--storage", url]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

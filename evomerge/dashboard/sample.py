@@ -68,6 +68,24 @@ def config_yaml(
     )
 
 
+def one_trial_study(
+    store: Store,
+    name: str,
+    recipe: Recipe,
+    state: str = "COMPLETE",
+    fitness: float | None = None,
+    error: str | None = None,
+) -> None:
+    """A finished study over the test-size zoo whose one trial, 0, is `recipe`."""
+    text = config_yaml(name, recipe.method, sources=recipe.sources, zoo="test")
+    store.create_study(name, text, optuna_study_name=name, budget_trials=1)
+    run_id = store.start_run(name, pid=1, host="h", stale_after_s=30)
+    store.record_trial_started(name, run_id, 0, 0, recipe)
+    metrics = None if fitness is None else {recipe.sources[0]: fitness}
+    store.record_trial_finished(name, 0, state, metrics, fitness, error=error)
+    store.end_run(run_id, "finished")
+
+
 def ps_recipe(
     rng: random.Random,
     method: str = "ties",
