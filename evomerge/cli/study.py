@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,10 @@ def _preflight(config: StudyConfig, url: str) -> None:
         raise fail(f"study {config.name!r} cannot start:\n{lines}", 2)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] = ()) -> None:
     """Validate, register (for a new study) and run one study with a live progress bar;
     `stop_from`: the chain's earlier stages, whose stop requests stop it too."""
@@ -87,6 +92,10 @@ def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] 
     from storage import StudyBusyError
     from workers.pool import WorkersLostError, WorkerStartError
 
+    # SIGTERM (`kill`, a scheduler's stop) ends the run as Ctrl-C does: recorded `stopped`.
+    # Ray's driver sets the same handler, but only where it starts Ray in this thread; not
+    # when pre-flight has joined a cluster (workers.ray_address, RAY_ADDRESS).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         coordinator = Coordinator(config, store, stop_from=stop_from)
     except (FileNotFoundError, ValueError) as e:
