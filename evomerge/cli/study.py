@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,7 +96,8 @@ def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] 
     # SIGTERM (`kill`, a scheduler's stop) ends the run as Ctrl-C does: recorded `stopped`.
     # Ray's driver sets the same handler, but only where it starts Ray in this thread; not
     # when pre-flight has joined a cluster (workers.ray_address, RAY_ADDRESS).
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         coordinator = Coordinator(config, store, stop_from=stop_from)
     except (FileNotFoundError, ValueError) as e:
