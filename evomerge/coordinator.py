@@ -44,7 +44,7 @@ from evomerge.killpoints import kill_point
 from evomerge.models import check_shared_tokenizer
 from evomerge.recipe import layer_group_names
 from evomerge.space import DataFlowSpace, MixtureSpace, SearchSpace
-from storage import REASKED, RUN_INTERRUPTED, LeaseLostError, Store, TrialRow
+from storage import REASKED, LeaseLostError, Store, TrialRow, is_reasked
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
 
@@ -307,13 +307,12 @@ class Coordinator:
     def _earlier_runs_seconds(self, run_id: int) -> float:
         """The study's search time before this run: `wall_time_s` is the study's budget, so a
         resume spends what is left of it (a run killed outright counts to its last beat)."""
-        return sum(
-            max(0.0, ((r.ended_at or r.heartbeat_at) - r.started_at).total_seconds())
-            if r.status != "interrupted"  # ended when a later run took over: the downtime
-            else max(0.0, (r.heartbeat_at - r.started_at).total_seconds())
-            for r in self.store.runs(self.config.name)
-            if r.id != run_id
-        )
+        spent = 0.0
+        for r in self.store.runs(self.config.name):
+            # an interrupted run "ended" when a later one took over: its last beat is its end
+            end = r.heartbeat_at if r.status == "interrupted" else r.ended_at or r.heartbeat_at
+            spent += max(0.0, (end - r.started_at).total_seconds()) if r.id != run_id else 0.0
+        return spent
 
     def _recover_orphans(self, run_id: int) -> None:
         """Repair what a dead run left: every RUNNING Optuna trial is told its stored result,
@@ -625,4 +624,4 @@ def _holds_result(row: TrialRow | None) -> bool:
         return False
     if row.state == "COMPLETE":
         return row.fitness is not None
-    return not (row.error == RUN_INTERRUPTED or (row.error or "").endswith(REASKED))
+    return not is_reasked(row.error)

@@ -24,6 +24,7 @@ from storage.records import (
     StudyInfo,
     StudySummary,
     TrialRow,
+    is_reasked,
 )
 from storage.store import Store
 
@@ -46,4 +47,5 @@ __all__ = [
     "UnknownStudyError",
     "UnknownTrialError",
     "default_storage_url",
+    "is_reasked",
 ]

@@ -11,6 +11,12 @@ RUN_INTERRUPTED = "run interrupted (heartbeat lost)"
 REASKED = "parameters re-asked"
 
 
+def is_reasked(error: str | None) -> bool:
+    """Whether a FAIL trial's `error` says it was only cut short and asked again (the SQL
+    form, for counts over many rows, is `storage.queries.reasked`)."""
+    return error == RUN_INTERRUPTED or (error or "").endswith(REASKED)
+
+
 @dataclass(frozen=True)
 class StudyInfo:
     name: str
