@@ -211,6 +211,17 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS)
 
 
+def device_works() -> bool:
+    """Whether CUDA still answers after an error. An illegal address or a device-side assert
+    poisons the process's context: every later call fails, and only a new process helps."""
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+        torch.cuda.synchronize()
+    except Exception:
+        return False
+    return True
+
+
 def release() -> None:
     """Give back what a failed allocation's frames held, so the next trial starts clean."""
     gc.collect()

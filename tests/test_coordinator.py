@@ -209,6 +209,52 @@ def test_worker_death_reruns_the_trial(zoo_dir, ray_local, sqlite_store, tmp_pat
     )
 
 
+class DeviceFaultOnceWorker(CandidateWorker):
+    """Its first candidate hits a CUDA error that poisons the process's context, as an
+    illegal address or a device-side assert does: on the CPU, the error is raised and the
+    device probe fails from then on."""
+
+    def candidate(self, recipe: Recipe) -> torch.nn.Module:
+        marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            self.faulted = True
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return super().candidate(recipe)
+
+    def device_works(self) -> bool:
+        return not getattr(self, "faulted", False)
+
+
+def test_a_device_fault_fails_the_trial_and_restarts_its_worker(
+    zoo_dir, ray_local, sqlite_store, tmp_path, monkeypatch
+):
+    """A broken CUDA context fails every later call: the trial is a FAIL that names the
+    error, the worker comes back as a fresh process, and the search goes on."""
+    import ray
+
+    from workers.pool import connect
+
+    marker = tmp_path / "faulted"
+    ray.shutdown()  # the actors see the marker's path only in a Ray started after this
+    monkeypatch.setenv("EVOMERGE_TEST_MARKER", str(marker))
+    connect(None, num_cpus=2)
+    yaml = CONFIG.format(name="fault", trials=4).replace("heldout_top_k: 2", "heldout_top_k: 0")
+    cfg = StudyConfig.from_yaml(yaml.replace("count: 2", "count: 1"))
+    register(sqlite_store, cfg)
+    summary = Coordinator(cfg, sqlite_store, worker_cls=DeviceFaultOnceWorker).run()
+    assert (summary.status, summary.complete, summary.failed) == ("finished", 4, 1)
+    (failed,) = sqlite_store.trials("fault", state="FAIL")
+    assert failed.error == (
+        "AcceleratorError: CUDA error: an illegal memory access was encountered"
+        " (the device's context is unusable: the worker restarts)"
+    )
+    faulted_pid = marker.read_text()
+    assert failed.worker.split(":")[1] == faulted_pid
+    later = [r for r in sqlite_store.trials("fault") if r.number > failed.number]
+    assert later and all(r.worker.split(":")[1] != faulted_pid for r in later)
+
+
 class NaNOnOddTrialsWorker(CandidateWorker):
     """Builds the real candidate, then poisons one weight on every other call."""
 

@@ -21,7 +21,14 @@ from evomerge.config import EVAL_BATCH, StudyConfig
 from evomerge.dataflow import route
 from evomerge.fitness import Evaluator
 from evomerge.glue.mixture import mix
-from evomerge.memory import WorkerPlan, device_memory, out_of_memory, plan_worker, release
+from evomerge.memory import (
+    WorkerPlan,
+    device_memory,
+    device_works,
+    out_of_memory,
+    plan_worker,
+    release,
+)
 from evomerge.merge import build
 from evomerge.models import SourceSet, load_model
 from evomerge.placement import Placement, release_heap
@@ -129,6 +136,7 @@ class TrialResult:
     eval_seconds: float = 0.0
     worker: str = ""
     error: str | None = None
+    restart: bool = False  # the worker's device context broke: it exits at the next ping
 
 
 class CandidateWorker:
@@ -139,6 +147,8 @@ class CandidateWorker:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.broken = False  # a CUDA error poisoned this process's context
         self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.sources: SourceSet | None = None
@@ -179,7 +189,14 @@ class CandidateWorker:
         }
 
     def pid(self) -> int:
+        """The worker's process id. A worker whose device context broke exits here instead:
+        the pool pings it after that trial, and Ray restarts it as a fresh process."""
+        if self.broken:
+            os._exit(1)
         return os.getpid()
+
+    def device_works(self) -> bool:
+        return self.device != "cuda" or device_works()
 
     def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
         """Build the recipe into the resident model and score it; errors become results."""
@@ -201,7 +218,11 @@ class CandidateWorker:
         except Exception as e:  # a bad candidate, or one too big, must not take the worker down
             result.error = f"{type(e).__name__}: {e}"
         if result.error is not None:
-            release()
+            if self.device_works():
+                release()
+            else:
+                self.broken = result.restart = True
+                result.error += " (the device's context is unusable: the worker restarts)"
             return result
         release_heap()  # the evaluation's activations: a worker keeps only what it holds
         result.metrics = dict(score.metrics)

@@ -57,7 +57,9 @@ class WorkerPool:
     out of service until Ray has restarted it, which may be never when its node is gone and
     no other node has room: reruns and new trials go to the live actors meanwhile (a
     submission with no idle actor waits in a backlog), so losing a node slows a study down
-    instead of failing its trials.
+    instead of failing its trials. A worker whose device context broke (a CUDA error that
+    fails every later call) returns its trial's FAIL and goes out of service the same way:
+    it exits at the ping, and Ray restarts it.
 
     Each actor takes `depth` trials at a time (a slot each). With 2, the next candidate
     already waits at the actor while one runs, so no worker idles while the coordinator
@@ -136,13 +138,16 @@ class WorkerPool:
             key, recipe_json, split, actor = self._inflight.pop(ref)
             try:
                 result: TrialResult | None = ray.get(ref)
-                self._idle.append(actor)
             except RayActorError as e:
                 log.warning("worker died during trial %s: %s", key, e)
                 result = None
+            if result is None or result.restart:
                 # Back in service once Ray has restarted it: the ping waits (retrying) while
-                # the actor is restarting and fails once Ray gives up on it.
+                # the actor is restarting and fails once Ray gives up on it. A worker whose
+                # device broke exits at this ping, so it too comes back as a fresh process.
                 self._recovering[actor.pid.options(max_task_retries=-1).remote()] = actor
+            else:
+                self._idle.append(actor)
             outcomes.append(Outcome(key, recipe_json, split, result))
         while self._backlog and self._idle:
             self.submit(*self._backlog.popleft())
