@@ -99,6 +99,18 @@ def test_evomerge_uses_postgres_and_the_head_without_gpus(spec: dict) -> None:
     assert svc["depends_on"]["ray-head"]["condition"] == "service_healthy"
 
 
+def test_stopping_the_evomerge_container_stops_its_runs_in_time(spec: dict) -> None:
+    """The dashboard (the container's main process, by `exec`) stops this host's runs on
+    SIGTERM, and the container's grace period outlasts the dashboard's wait for them."""
+    from evomerge.dashboard.app import STOP_RUNS_WAIT_S
+
+    svc = spec["services"]["evomerge"]
+    assert "exec evomerge dashboard" in command(svc)
+    assert "--stop-runs-on-exit" in command(svc)
+    grace = re.fullmatch(r"(\d+)s", svc["stop_grace_period"])
+    assert grace and int(grace[1]) >= STOP_RUNS_WAIT_S + 10
+
+
 def test_every_node_mounts_the_models_at_the_same_path_and_shares_the_cluster(
     spec: dict,
 ) -> None:

@@ -6,9 +6,11 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -369,8 +371,23 @@ def test_second_coordinator_is_refused_then_resume_takes_over(zoo_dir, tmp_path)
     while len(store.runs("two")) < 2:  # registered: its workers may not have started yet
         assert time.monotonic() < deadline and third.poll() is None, third.communicate()[0]
         time.sleep(0.2)
-    # SIGTERM (`kill`, a scheduler's stop) ends the run as stopped, not as an error
-    third.send_signal(signal.SIGTERM)
+    # SIGTERM ends the run as stopped, not as an error; here from a container's dashboard,
+    # which stops its host's runs when it is stopped (`docker compose stop`)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dashboard = _evomerge("dashboard", "--port", str(port), "--stop-runs-on-exit", env=env)
+    deadline = time.monotonic() + 60
+    while True:  # serving, so its signal handlers are set
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+            break
+        assert time.monotonic() < deadline and dashboard.poll() is None
+        time.sleep(0.2)
+    dashboard.send_signal(signal.SIGTERM)
+    said, _ = dashboard.communicate(timeout=120)
+    assert f"stopping this host's runs: two (pid {third.pid})" in said, said
+    assert third.poll() is not None, "the dashboard returned before the run ended"
     out, _ = third.communicate(timeout=300)
     with contextlib.suppress(ProcessLookupError):  # a Ray it was starting, if any
         os.killpg(third.pid, signal.SIGKILL)

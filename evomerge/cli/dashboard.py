@@ -53,6 +53,13 @@ def dashboard(
             help="the Ray cluster studies started here may name in workers.ray_address",
         ),
     ] = None,
+    stop_runs_on_exit: Annotated[
+        bool,
+        typer.Option(
+            "--stop-runs-on-exit",
+            help="on SIGTERM, stop this host's live runs first (a container's dashboard)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the web dashboard: watch, start, stop, resume, query and export studies."""
     import uvicorn
@@ -71,6 +78,7 @@ def dashboard(
             export_dir=export_dir,
             configs_dir=configs_dir,
             ray_address=ray_address,
+            stop_runs_on_exit=stop_runs_on_exit,
         )
     except Exception as e:
         raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import platformdirs
@@ -16,13 +18,16 @@ from evomerge.config import HeartbeatConfig
 from evomerge.dashboard import best, fusion, similarity, studies, trials
 from evomerge.dashboard.context import HERE, Context, make_templates
 from evomerge.dashboard.guard import Guard
-from evomerge.dashboard.launch import LaunchBusy, Launcher
+from evomerge.dashboard.launch import LaunchBusy, Launcher, stop_host_runs
 from evomerge.dashboard.paths import PathRefused
 from evomerge.dashboard.queries import Queries
 from storage import StorageError, Store, UnknownStudyError, UnknownTrialError
 from storage.db import make_engine
 
 MAX_BODY_BYTES = 1 << 20
+# How long a dashboard that stops its host's runs waits for them (docker-compose.yml gives
+# its container 60 s between SIGTERM and SIGKILL).
+STOP_RUNS_WAIT_S = 45.0
 
 
 def create_app(
@@ -35,6 +40,7 @@ def create_app(
     run_dir: Path | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     ray_address: str | None = None,
+    stop_runs_on_exit: bool = False,
 ) -> FastAPI:
     """The dashboard on `storage_url`.
 
@@ -43,10 +49,26 @@ def create_app(
     `export_dir`: where checkpoints are exported. `configs_dir`: the configs offered on the
     New-study page. `run_dir`: logs and config snapshots of the commands started here.
     `ray_address`: the Ray cluster a study started here may name in `workers.ray_address`.
+    `stop_runs_on_exit`: on shutdown, stop every live run of this host (a container's
+    dashboard; see `stop_host_runs`).
     """
     store = Store(storage_url)
     store.migrate()
-    app = FastAPI(title="evomerge dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    stale_after_s = HeartbeatConfig().stale_after_s
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if stop_runs_on_exit:
+            await asyncio.to_thread(stop_host_runs, store, stale_after_s, STOP_RUNS_WAIT_S)
+
+    app = FastAPI(
+        title="evomerge dashboard",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     app.state.ctx = Context(
         store=store,
         queries=Queries(make_engine(storage_url)),
@@ -58,7 +80,7 @@ def create_app(
         export_dir=Path(export_dir).resolve(),
         configs_dir=Path(configs_dir).resolve(),
         # A `running` study whose run has been silent this long is shown as interrupted.
-        stale_after_s=HeartbeatConfig().stale_after_s,
+        stale_after_s=stale_after_s,
         ray_address=ray_address,
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

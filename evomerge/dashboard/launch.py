@@ -7,7 +7,11 @@ its run record written by the coordinator itself.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,9 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
+
 from evomerge.config import StudyConfig
 from evomerge.dashboard.paths import PathRefused, child
-from storage import Store, UnknownStudyError
+from storage import RunInfo, Store, UnknownStudyError
+
+log = logging.getLogger(__name__)
 
 
 class LaunchBusy(RuntimeError):
@@ -123,6 +131,37 @@ class Launcher:
         # Reap the child when it exits, so a long-lived dashboard leaves no zombies.
         threading.Thread(target=process.wait, daemon=True).start()
         return log
+
+
+def stop_host_runs(store: Store, stale_after_s: float, wait_s: float) -> list[RunInfo]:
+    """SIGTERM every live run of this host (started here or not) and wait up to `wait_s`
+    for their processes to end; returns the runs still alive then.
+
+    For a dashboard that is its container's main process: stopping the container stops
+    the coordinators in it, and a SIGTERMed run ends `stopped` and resumes at once, where
+    one killed with its container stays `running` until its heartbeat goes stale.
+    """
+    host = socket.gethostname()
+    live = [
+        run
+        for study in store.list_studies(stale_after_s=stale_after_s)
+        if study.status == "running"
+        for run in store.runs(study.name)
+        if run.status == "running" and run.host == host and psutil.pid_exists(run.pid)
+    ]
+    if live:
+        names = ", ".join(f"{r.study} (pid {r.pid})" for r in live)
+        log.warning("stopping this host's runs: %s", names)
+    for run in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while live and time.monotonic() < deadline:
+        time.sleep(0.2)
+        live = [r for r in live if psutil.pid_exists(r.pid)]
+    if live:
+        log.warning("still running after %g s: pid %s", wait_s, ", ".join(str(r.pid) for r in live))
+    return live
 
 
 def _stamp() -> str:
