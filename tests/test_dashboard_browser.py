@@ -75,6 +75,14 @@ def test_walk_a_filled_store(page: Page, tmp_path: Path) -> None:
         expect(page.locator("#done")).to_have_text("38 / 80", timeout=10_000)
         expect(page.locator("#best")).to_have_text("0.9900")
 
+        # A refresh that fails (the dashboard restarting) is said, and cleared once one works.
+        live = re.compile(r"/studies/watched/live")
+        page.route(live, lambda route: route.abort())
+        expect(page.locator(".stale")).to_contain_text("Not live: last updated at")
+        expect(page.locator(".stale")).to_contain_text("the dashboard did not answer")
+        page.unroute(live)
+        expect(page.locator(".stale")).to_be_hidden()
+
         page.get_by_role("link", name="fitness", exact=True).click()
         first = page.locator("#trials tbody tr").first.locator("td").first
         expect(first).to_have_text("40")

@@ -2,13 +2,28 @@
 "use strict";
 
 // Replace the contents of [data-live] with its fragment every 2 s while the tab is visible.
+// When a refresh fails (the dashboard restarting, its database down), say so above it: a
+// page that silently stops changing looks like a search that stopped.
 function refreshLive(el) {
+  const stale = document.createElement("p");
+  stale.className = "stale";
+  stale.setAttribute("role", "status");
+  stale.hidden = true;
+  el.before(stale);
+  let updated = new Date();
   const tick = async () => {
     if (!document.hidden) {
+      let problem = null;
       try {
         const response = await fetch(el.dataset.live + location.search, {credentials: "same-origin"});
         if (response.ok) el.innerHTML = await response.text();
-      } catch (e) { /* server restarting: try again next tick */ }
+        else problem = `the dashboard answered ${response.status} ${response.statusText}`;
+      } catch (e) {
+        problem = "the dashboard did not answer";
+      }
+      if (problem === null) updated = new Date();
+      else stale.textContent = `Not live: last updated at ${updated.toLocaleTimeString()}; ${problem}. Retrying every 2 s.`;
+      stale.hidden = problem === null;
     }
     setTimeout(tick, 2000);
   };
