@@ -533,6 +533,36 @@ class StudyConfig(_Frozen):
             }
         )
 
+    def later_stages(self) -> tuple[str, ...]:
+        """The names this study's chain runs its later stages under (none for one study)."""
+        names = []
+        if self.next_stage:
+            names.append(self.name + DFS_STAGE)
+        if self.evolve_next:
+            names.append(self.name + EVOLVE_STAGE)
+            if self.mixture is not None:  # merge+mix after an evolutionary selection
+                names.append(self.name + EVOLVE_STAGE + MIX_STAGE)
+        if self.mix_next:
+            names.append(self.name + MIX_STAGE)
+        return tuple(names)
+
+    def is_stage_of(self, parent: StudyConfig) -> bool:
+        """Whether this study is the next stage of `parent`'s chain, as `dataflow_stage`,
+        `evolve_stage` or `mixture_stage` made it: a chain finds its stage by name, and must
+        not take over an unrelated study that has that name."""
+        if self.name == parent.name + DFS_STAGE and parent.next_stage:
+            merge = self.dataflow.merge if self.dataflow else None
+            return merge is not None and parent.dataflow_stage(merge) == self
+        if self.name == parent.name + EVOLVE_STAGE and parent.evolve_next:
+            start = self.optimizer.start
+            return start is not None and parent.evolve_stage(start) == self
+        if self.name == parent.name + MIX_STAGE and parent.mix_next:
+            mixture = self.mixture
+            if mixture is None or mixture.merge is None or not mixture.layers:
+                return False
+            return parent.mixture_stage(mixture.merge, max(mixture.layers)) == self
+        return False
+
     def model_paths(self) -> dict[str, Path]:
         """Base, sources and dataflow.b resolved to folders (zoo refs against this study's
         zoo size). Raises FileNotFoundError naming the first missing model.

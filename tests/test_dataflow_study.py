@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 
+import optuna
 import pytest
+import typer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evomerge.dataflow  # noqa: F401  (registers the path model with the Auto classes)
@@ -136,3 +138,36 @@ def test_models_that_cannot_be_routed_are_refused_before_anything_is_written(
     assert result.exit_code == 2, result.output
     assert "hidden size 128 (A) and 32 (B" in " ".join(result.output.split())
     assert not (tmp_path / "refused.db").exists()  # pre-flight: not even a table written
+
+
+def test_a_chain_never_takes_over_a_study_that_has_its_stage_name(zoo_dir, tmp_path):
+    """A PS+DFS study runs stage 2 as NAME-dfs: an unrelated study of that name (here a DFS
+    study) is refused before stage 1 starts, and again when stage 2 would resume it."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+    from evomerge.cli.study import _next_stage
+
+    url = f"sqlite:///{tmp_path / 'taken.db'}"
+    store = Store(url)
+    store.migrate()
+    unrelated = StudyConfig.from_yaml(DFS.format(name="psdfs-dfs", trials=4))
+    store.create_study(unrelated.name, unrelated.to_yaml(), optuna_study_name=unrelated.name)
+    cfg = tmp_path / "psdfs.yaml"
+    cfg.write_text(PS_DFS)
+    result = CliRunner().invoke(app, ["run", str(cfg), "--storage", url])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "study 'psdfs-dfs' exists, and a later stage of 'psdfs' runs under that name" in said
+    assert store.get_study("psdfs", missing_ok=True) is None
+    assert "psdfs" not in optuna.get_all_study_names(store.optuna_storage())  # nothing written
+
+    chain = StudyConfig.from_yaml(PS_DFS)
+    with pytest.raises(typer.Exit):  # stage 1 finished: stage 2 would start
+        _next_stage(chain, store, chain.dataflow_stage('"merge"'))
+    store = Store(f"sqlite:///{tmp_path / 'own.db'}")
+    store.migrate()
+    own = chain.dataflow_stage('"merge of the first run"')
+    store.create_study(own.name, own.to_yaml(), optuna_study_name=own.name)
+    stage, new = _next_stage(chain, store, chain.dataflow_stage('"merge"'))
+    assert stage == own and not new  # its own stage, resumed on the merge it started with

@@ -98,13 +98,21 @@ def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] 
     # when pre-flight has joined a cluster (workers.ray_address, RAY_ADDRESS).
     if threading.current_thread() is threading.main_thread():  # only there can it be set
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if new:
+        if store.get_study(config.name, missing_ok=True) is not None:
+            raise fail(f"study {config.name!r} exists; use `evomerge resume {config.name}`", 2)
+        for later in config.later_stages():  # refused now, not after hours of stage 1
+            if store.get_study(later, missing_ok=True) is not None:
+                raise fail(
+                    f"study {later!r} exists, and a later stage of {config.name!r} runs under "
+                    "that name: give this study another name (--study)",
+                    2,
+                )
     try:
         coordinator = Coordinator(config, store, stop_from=stop_from)
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from e
     if new:
-        if store.get_study(config.name, missing_ok=True) is not None:
-            raise fail(f"study {config.name!r} exists; use `evomerge resume {config.name}`", 2)
         store.create_study(
             config.name,
             config.to_yaml(),
@@ -161,17 +169,12 @@ def _drive_evolve_stage(config: StudyConfig, store, chain: tuple[str, ...]) -> N
     if not best:
         raise fail(f"study {config.name!r} has no complete trial to start from", 1)
     weights = Recipe.from_json(best[0].recipe_json).params["weight"][0]
-    existing = store.get_study(f"{config.name}-evolve", missing_ok=True)
-    stage = (
-        StudyConfig.from_yaml(existing.config_yaml, source=f"study {config.name}-evolve")
-        if existing is not None
-        else config.evolve_stage(weights)
-    )
+    stage, new = _next_stage(config, store, config.evolve_stage(weights))
     console.print(
         f"stage 2 (evolutionary): [bold]{stage.name}[/] starts CMA-ES at trial "
         f"{best[0].number}'s weights {list(weights)}"
     )
-    _drive(stage, store, new=existing is None, stop_from=chain)
+    _drive(stage, store, new=new, stop_from=chain)
 
 
 def _drive_dataflow_stage(config: StudyConfig, store, chain: tuple[str, ...]) -> None:
@@ -201,14 +204,28 @@ def _drive_on_best(config: StudyConfig, store, make_stage, what: str, chain) -> 
     best = best or store.best(config.name, top=1)
     if not best:
         raise fail(f"study {config.name!r} has no complete trial to build on", 1)
-    stage = make_stage(best[0].recipe_json)
-    existing = store.get_study(stage.name, missing_ok=True)
-    if existing is not None:
-        stage = StudyConfig.from_yaml(existing.config_yaml, source=f"study {stage.name!r}")
+    stage, new = _next_stage(config, store, make_stage(best[0].recipe_json))
     console.print(
         f"next stage: [bold]{stage.name}[/] takes trial {best[0].number}'s merge and {what}"
     )
-    _drive(stage, store, new=existing is None, stop_from=chain)
+    _drive(stage, store, new=new, stop_from=chain)
+
+
+def _next_stage(config: StudyConfig, store, made: StudyConfig) -> tuple[StudyConfig, bool]:
+    """The chain's next stage, and whether it is new: the stored one when an earlier run
+    started it (a resume), else `made`. A study of that name that this chain did not make
+    is refused, never taken over."""
+    existing = store.get_study(made.name, missing_ok=True)
+    if existing is None:
+        return made, True
+    stored = StudyConfig.from_yaml(existing.config_yaml, source=f"study {made.name!r}")
+    if not stored.is_stage_of(config):
+        raise fail(
+            f"study {made.name!r} exists and is not the next stage of {config.name!r}, which "
+            "runs its next stage under that name: rename one of the two studies",
+            2,
+        )
+    return stored, False
 
 
 @app.command()

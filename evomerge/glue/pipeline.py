@@ -134,16 +134,6 @@ def selection_study(config: GlueConfig, chosen: Plan) -> StudyConfig:
     return StudyConfig.from_yaml(yaml.safe_dump(data), source=source).anchored(config._folder)
 
 
-def stage_names(stage1: StudyConfig) -> list[str]:
-    """The studies of the chain, in order."""
-    names = [stage1.name]
-    if stage1.evolve_next:
-        names.append(f"{stage1.name}-evolve")
-    if stage1.mixture is not None:
-        names.append(f"{names[-1]}-mix")
-    return names
-
-
 @dataclass
 class Row:
     """One line of the report: a model alone (`model`), the whole family merged (`whole`) or
@@ -195,7 +185,7 @@ def report(
         raise RuntimeError(f"the whole family's merge failed: {result.error}")
     fitness = result.fitness or 0.0
     rows.append(Row("whole", "whole family merged", result.metrics, fitness, note="every source"))
-    for name in stage_names(stage1):
+    for name in (stage1.name, *stage1.later_stages()):
         rows.append(_stage_row(store, name))
     return rows
 
