@@ -224,6 +224,24 @@ _ENCODERS = {
     "choice": _encode_choice,
     "perplexity": _encode_perplexity,
 }
+# Tokens one encoded row puts in a batch: a prompt, a text, a context and its longest choice.
+_WIDTH = {"generate": len, "perplexity": len, "choice": lambda e: len(e[0]) + max(map(len, e[1]))}
+
+
+def longest_sequence(
+    tokenizer: Any, tasks: Sequence[TaskSpec], limits: dict[str, int | None]
+) -> int | None:
+    """Tokens in the longest row the native `tasks` score in the splits of `limits` (split:
+    row limit), as the Evaluator encodes them; None when every task is lm-eval's (its rows
+    are read by lm-eval). A batch is as wide as its longest row: the evaluation's memory."""
+    widths = [
+        _WIDTH[spec.kind](encoded)
+        for spec in tasks
+        if spec.kind != "lm_eval"
+        for split, limit in limits.items()
+        for encoded in _ENCODERS[spec.kind](tokenizer, spec, spec.rows(split, limit))
+    ]
+    return max(widths, default=None)
 
 
 # --- the three native kinds ------------------------------------------------------------

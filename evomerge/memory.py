@@ -18,7 +18,7 @@ from evomerge.placement import Placement, release_heap
 from evomerge.tensor_stats import GRID
 
 MARGIN = 0.9  # plan for at most this share of what the device has free
-EVAL_TOKENS = 256  # tokens per evaluated sequence assumed (proxy prompts are short)
+EVAL_TOKENS = 256  # tokens a row of an lm-eval task is assumed to take (its rows are not read)
 GiB = 1 << 30
 
 
@@ -49,6 +49,8 @@ class WorkerPlan:
     where: str  # what `available` measured
     asked: str  # the study's workers.sources
     batch: int  # sequences an evaluation scores at a time (fitness.batch_size)
+    tokens: int  # the widest row an evaluation scores (a generation's prompt)
+    assumed: bool  # `tokens` includes EVAL_TOKENS for lm-eval tasks, whose rows are not read
 
     def fits(self, placement: Placement) -> bool:
         return self.available is None or self.needs[placement].total <= MARGIN * self.available
@@ -66,7 +68,9 @@ class WorkerPlan:
         size = f"{self.params / 1e9:.3g}B" if big else f"{self.params / 1e6:.3g}M"
         out = [
             f"{size} parameters a model; device memory {have} ({self.where}), "
-            f"planned up to {MARGIN:.0%}; evaluation at batch {self.batch} (fitness.batch_size)",
+            f"planned up to {MARGIN:.0%}; evaluation at batch {self.batch} (fitness.batch_size) "
+            f"of rows up to {self.tokens} tokens "
+            + (f"({EVAL_TOKENS} assumed for lm-eval tasks)" if self.assumed else "(the tasks')"),
             f"{'GiB':<10}{'sources':>10}{'stats':>10}{'candidate':>11}{'build':>10}"
             f"{'eval':>10}{'total':>10}  fits",
         ]
@@ -100,22 +104,23 @@ class WorkerPlan:
 
 
 def evaluation_bytes(
-    config, item: int, batch: int, generate: int, likelihood: bool, hops: int
+    config, item: int, batch: int, tokens: int, generate: int, likelihood: bool, hops: int
 ) -> int:
-    """What scoring a batch holds beyond the weights. Likelihood tasks: the batch's logits
-    in the model's dtype, one sequence's float32 copy and log-softmax of them, activations.
-    Generation: each row's KV cache for the prompt and the new tokens on every layer a token
-    passes (`hops`), the prompt's activations, the last position's logits. A study with both
-    kinds needs the larger (they run one after the other)."""
+    """What scoring a batch of rows `tokens` wide holds beyond the weights. Likelihood
+    tasks: the batch's logits in the model's dtype, one sequence's float32 copy and
+    log-softmax of them, activations. Generation: each row's KV cache for the prompt and the
+    new tokens on every layer a token passes (`hops`), the prompt's activations, the last
+    position's logits. A study with both kinds needs the larger (they run one after the
+    other)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    activations = batch * EVAL_TOKENS * 16 * config.hidden_size
-    logits = (batch * item + 8) * EVAL_TOKENS * config.vocab_size
+    activations = batch * tokens * 16 * config.hidden_size
+    logits = (batch * item + 8) * tokens * config.vocab_size
     scoring = logits + activations if likelihood else 0
     if not generate:
         return scoring
-    kv = batch * (EVAL_TOKENS + generate) * hops * 2 * kv_heads * head_dim * item
+    kv = batch * (tokens + generate) * hops * 2 * kv_heads * head_dim * item
     return max(scoring, kv + activations + batch * 4 * config.vocab_size)
 
 
@@ -132,10 +137,16 @@ def plan_worker(
     generate: int = 0,
     likelihood: bool = True,
     repeats: int = 0,
+    longest: int | None = None,
+    lm_eval: bool = False,
 ) -> WorkerPlan:
     """The plan of a worker merging `sources` onto `base` and routing `routed` whole models
     (`repeats`: a route's r, whose hops each keep a KV cache), scoring `batch` sequences at a
-    time, generating up to `generate` tokens (0: none) and/or scoring `likelihood` tasks."""
+    time, generating up to `generate` tokens (0: none) and/or scoring `likelihood` tasks,
+    whose widest row is `longest` tokens (`fitness.longest_sequence`) and, with `lm_eval`
+    tasks, at least EVAL_TOKENS."""
+    tokens = max(longest or 0, EVAL_TOKENS if lm_eval or longest is None else 0)
+    assumed = tokens == EVAL_TOKENS and (lm_eval or longest is None)
     merged = [Checkpoint.open(p) for p in ((base, *sources) if base else ())]
     whole = [Checkpoint.open(p) for p in routed]
     shapes = (merged or whole)[0].shapes()
@@ -150,7 +161,7 @@ def plan_worker(
     hops = config.num_hidden_layers
     if repeats:  # a route: A's layers then B's, r times
         hops = repeats * (hops + whole[-1].config.num_hidden_layers)
-    evaluation = evaluation_bytes(config, item, batch, generate, likelihood, hops)
+    evaluation = evaluation_bytes(config, item, batch, tokens, generate, likelihood, hops)
     s = len(sources)
     if not merged:
         none = Need(0, 0, candidate, 0, evaluation)
@@ -163,6 +174,8 @@ def plan_worker(
             where,
             asked,
             batch,
+            tokens,
+            assumed,
         )
     files = sum(c.nbytes() for c in merged)
     # L1 norms, Gram matrices and magnitude grids stay on the host (the host reads them, and
@@ -183,7 +196,9 @@ def plan_worker(
         Placement.DEVICE: Need(files, own, candidate, formed, evaluation),
         Placement.HOST: Need(0, own, candidate, formed + staged, evaluation),
     }
-    return WorkerPlan(params, files, grids + tables - own, needs, available, where, asked, batch)
+    return WorkerPlan(
+        params, files, grids + tables - own, needs, available, where, asked, batch, tokens, assumed
+    )
 
 
 def device_memory(gpus: float, workers: int, memory_gb: float | None) -> tuple[int | None, str]:

@@ -25,7 +25,20 @@ from evomerge.placement import Placement
 from tests.fixtures_models import NAMES
 
 
-def _config(tmp_path, fam, extra=None, **workers) -> str:
+def _words_task(folder: Path) -> str:
+    """A generation task in the tiny models' words (their tokenizer knows no digits)."""
+    for split in ("search", "held-out"):
+        rows = [
+            {"prompt": " ".join(f"w{i + j}" for j in range(12)), "answer": "w1"} for i in range(8)
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = {"search": "search.jsonl", "held-out": "held-out.jsonl"}
+    task = folder / "words.yaml"
+    task.write_text(yaml.safe_dump({"name": "words", "kind": "generate", "splits": splits}))
+    return str(task)
+
+
+def _config(tmp_path, fam, extra=None, tasks=None, **workers) -> str:
     cfg = (extra or {}) | {
         "name": "fit",
         "zoo": "test",
@@ -33,7 +46,7 @@ def _config(tmp_path, fam, extra=None, **workers) -> str:
         "sources": [str(p) for p in fam.sources],
         "method": "ties",
         "search": {"weight": {"low": 0, "high": 1}},
-        "fitness": {"tasks": ["zoo:add"]},
+        "fitness": {"tasks": tasks or [_words_task(tmp_path)]},
         "workers": {"count": 1, **workers},
     }
     path = tmp_path / "study.yaml"
@@ -86,6 +99,16 @@ def test_the_evaluation_plan_follows_the_batch_the_generation_and_the_route(tiny
     rest = 8 * EVAL_TOKENS * 16 * config.hidden_size + 8 * 4 * config.vocab_size
     assert generating.needs[Placement.HOST].evaluation == kv + rest
     assert "evaluation at batch 8 (fitness.batch_size)" in generating.lines()[0]
+    assert "of rows up to 256 tokens (256 assumed for lm-eval tasks)" in generating.lines()[0]
+    # the tasks' widest row, where evomerge reads them; lm-eval's rows count 256 at least
+    measured = plan_worker(*args, batch=8, generate=100, likelihood=False, longest=40)
+    kv40 = 8 * (40 + 100) * layers * 2 * kv_heads * head_dim * 2
+    rest40 = 8 * 40 * 16 * config.hidden_size + 8 * 4 * config.vocab_size
+    assert measured.needs[Placement.HOST].evaluation == kv40 + rest40
+    assert "of rows up to 40 tokens (the tasks')" in measured.lines()[0]
+    with_lm_eval = plan_worker(*args, longest=40, lm_eval=True)
+    assert (with_lm_eval.tokens, with_lm_eval.assumed) == (EVAL_TOKENS, True)
+    assert plan_worker(*args, longest=900, lm_eval=True).tokens == 900
     routed = (str(fam.sources[0]),)
     route = plan_worker(
         None,
@@ -101,6 +124,42 @@ def test_the_evaluation_plan_follows_the_batch_the_generation_and_the_route(tiny
         repeats=3,
     )
     assert route.needs[Placement.HOST].evaluation == kv * 3 * 2 + rest  # 3 x (A's + B's layers)
+
+
+def test_a_worker_plans_the_widest_row_of_its_tasks(tmp_path, zoo_dir):
+    """The evaluation is planned at the widest row the study's tasks hold in the splits it
+    scores, encoded by the base's tokenizer: 4,000-character texts need far more than the
+    test zoo's short prompts."""
+    from transformers import AutoTokenizer
+
+    from evomerge.zoo import resolve_model
+    from workers.actor import WorkerSpec
+
+    experts = ("zoo:add", "zoo:reverse")
+    base = str(resolve_model("zoo:base", zoo_dir))
+
+    def plan(task: str):
+        return WorkerSpec(
+            base="zoo:base",
+            base_path=base,
+            sources=experts,
+            source_paths=tuple(str(resolve_model(e, zoo_dir)) for e in experts),
+            tasks=(task,),
+            weights=(1.0,),
+            limit=None,
+            heldout_limit=None,
+            zoo_dir=str(zoo_dir),
+            dtype="float32",
+            torch_threads=1,
+        ).plan()
+
+    long = plan(str(_long_and_short_task(tmp_path)))
+    widest = len(AutoTokenizer.from_pretrained(base)(("sky tree gold " * 300)[:4000]).input_ids)
+    assert (long.tokens, long.assumed) == (widest, False)
+    assert f"of rows up to {widest} tokens (the tasks')" in long.lines()[0]
+    short = plan("zoo:add")
+    assert short.tokens < 64 < widest and not short.assumed
+    assert short.needs[Placement.HOST].evaluation < long.needs[Placement.HOST].evaluation / 16
 
 
 def test_the_study_sets_the_evaluation_batch(tmp_path, tiny_llama, zoo_dir):
@@ -147,6 +206,18 @@ def test_run_refuses_a_study_that_fits_no_placement(tmp_path, tiny_llama, zoo_di
     result = CliRunner().invoke(app, ["run", config, "--storage", f"sqlite:///{db}"])
     assert result.exit_code == 2, result.output
     assert "fits no placement" in result.output and "workers.memory_gb" in result.output
+    assert not db.exists()
+
+
+def test_run_refuses_tasks_the_base_tokenizer_cannot_encode(tmp_path, tiny_llama, zoo_dir):
+    """Planning reads every row the workers will score: a task in characters the base's
+    tokenizer maps to its unknown token is refused, naming the row, before a worker loads
+    anything (every one of its trials would fail)."""
+    config = _config(tmp_path, tiny_llama, tasks=["zoo:add"])
+    db = tmp_path / "study.db"
+    result = CliRunner().invoke(app, ["run", config, "--storage", f"sqlite:///{db}"])
+    assert result.exit_code == 2, result.output
+    assert "task 'add' (row 0): the tokenizer cannot encode" in " ".join(result.output.split())
     assert not db.exists()
 
 

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from evomerge.config import EVAL_BATCH, StudyConfig
 from evomerge.dataflow import route
-from evomerge.fitness import Evaluator
+from evomerge.fitness import Evaluator, longest_sequence
 from evomerge.glue.mixture import mix
 from evomerge.memory import (
     WorkerPlan,
@@ -106,6 +106,8 @@ class WorkerSpec(BaseModel):
         zoo_dir = Path(self.zoo_dir) if self.zoo_dir else None
         tasks = [load_task(t, zoo_dir) for t in self.tasks]
         generate = [t.max_new_tokens for t in tasks if t.kind == "generate"]
+        tokenizer = AutoTokenizer.from_pretrained(self.base_path or self.routed_paths[0])
+        limits = {"search": self.limit, "held-out": self.heldout_limit}
         return plan_worker(
             self.base_path,
             self.source_paths,
@@ -119,6 +121,8 @@ class WorkerSpec(BaseModel):
             generate=max(generate, default=0),
             likelihood=len(generate) < len(tasks),
             repeats=self.repeats,
+            longest=longest_sequence(tokenizer, tasks, limits),
+            lm_eval=any(t.kind == "lm_eval" for t in tasks),
         )
 
 
