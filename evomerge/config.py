@@ -39,6 +39,12 @@ EVAL_BATCH = 128  # sequences scored per forward pass, unless fitness.batch_size
 # A chain's later studies are named after its first: NAME + suffix.
 DFS_STAGE, EVOLVE_STAGE, MIX_STAGE = "-dfs", "-evolve", "-mix"
 STAGES = (DFS_STAGE, EVOLVE_STAGE, MIX_STAGE)  # the names a chain's later stage runs under
+# The fields each stage builder (dataflow_stage, evolve_stage, mixture_stage) sets.
+_STAGE_CHANGES = {
+    DFS_STAGE: {"name", "dataflow", "budget"},
+    EVOLVE_STAGE: {"name", "search", "optimizer", "budget"},
+    MIX_STAGE: {"name", "mixture", "optimizer", "budget"},
+}
 
 
 class ConfigError(ValueError):
@@ -547,20 +553,20 @@ class StudyConfig(_Frozen):
         return tuple(names)
 
     def is_stage_of(self, parent: StudyConfig) -> bool:
-        """Whether this study is the next stage of `parent`'s chain, as `dataflow_stage`,
-        `evolve_stage` or `mixture_stage` made it: a chain finds its stage by name, and must
-        not take over an unrelated study that has that name."""
-        if self.name == parent.name + DFS_STAGE and parent.next_stage:
-            merge = self.dataflow.merge if self.dataflow else None
-            return merge is not None and parent.dataflow_stage(merge) == self
-        if self.name == parent.name + EVOLVE_STAGE and parent.evolve_next:
-            start = self.optimizer.start
-            return start is not None and parent.evolve_stage(start) == self
-        if self.name == parent.name + MIX_STAGE and parent.mix_next:
-            mixture = self.mixture
-            if mixture is None or mixture.merge is None or not mixture.layers:
-                return False
-            return parent.mixture_stage(mixture.merge, max(mixture.layers)) == self
+        """Whether this study is the next stage of `parent`'s chain: a chain finds its stage
+        by name, and must not take over an unrelated study that has that name. The stage
+        holds what evomerge set (the merge it routes or mixes, the weights it starts from)
+        and is otherwise `parent`, apart from the fields its stage builder changes (which
+        are left out, so a stage stored by an earlier version still matches)."""
+        made = {
+            DFS_STAGE: parent.next_stage and self.dataflow is not None and self.dataflow.merge,
+            EVOLVE_STAGE: parent.evolve_next and self.optimizer.start is not None,
+            MIX_STAGE: parent.mix_next and self.mixture is not None and self.mixture.merge,
+        }
+        for suffix, changed in _STAGE_CHANGES.items():
+            if self.name == parent.name + suffix:
+                same = self.model_dump(exclude=changed) == parent.model_dump(exclude=changed)
+                return bool(made[suffix]) and same
         return False
 
     def model_paths(self) -> dict[str, Path]:

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 import warnings
 from collections import Counter
@@ -45,6 +44,7 @@ from evomerge.models import check_shared_tokenizer
 from evomerge.recipe import layer_group_names
 from evomerge.space import DataFlowSpace, MixtureSpace, SearchSpace
 from storage import REASKED, LeaseLostError, Store, TrialRow, is_reasked
+from storage.lease import Heartbeat
 from workers.actor import CandidateWorker, TrialResult, WorkerSpec
 from workers.pool import Outcome, WorkerPool, WorkersLostError, connect
 
@@ -55,39 +55,6 @@ GENERATION_ATTR = "cma:generation"
 RERUN_OF = "evomerge:rerun_of"
 # How the error of an abandoned trial ends: a failure of the run, not of the candidate.
 log = logging.getLogger(__name__)
-
-
-class Heartbeat(threading.Thread):
-    """Writes a run's heartbeat every `interval` seconds for as long as the run lives.
-
-    A thread, not the search loop: starting workers (loading sources) can take minutes, and a
-    run that went silent meanwhile would look dead and let a second coordinator take over.
-    """
-
-    def __init__(self, store: Store, run_id: int, interval: float) -> None:
-        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
-        self.store, self.run_id, self.interval = store, run_id, interval
-        self.lost: LeaseLostError | None = None
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            try:
-                self.store.heartbeat(self.run_id)
-            except LeaseLostError as e:
-                self.lost = e
-                return
-            except Exception as e:  # a transient database error: the next beat retries
-                log.warning("heartbeat of run %s failed: %s", self.run_id, e)
-
-    def check(self) -> None:
-        """Raise `LeaseLostError` in the caller if another run took the study over."""
-        if self.lost is not None:
-            raise self.lost
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 class KnownSpaceCmaEsSampler(CmaEsSampler):
@@ -237,7 +204,9 @@ class Coordinator:
         )
         status, reason = "failed", "coordinator error"
         lease_lost = False
-        self._beat = Heartbeat(self.store, run_id, self.config.heartbeat.interval_s)
+        self._beat = Heartbeat(
+            lambda: self.store.heartbeat(run_id), self.config.heartbeat.interval_s, f"run {run_id}"
+        )
         self._beat.start()
         try:
             self.store.set_study_status(self.config.name, "running")

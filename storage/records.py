@@ -88,7 +88,8 @@ class TrialRow:
 
 @dataclass(frozen=True)
 class FusionJobInfo:
-    """A fusion job (FuseLLM): its config, status, where it writes, and its evaluation."""
+    """A fusion job (FuseLLM): its config, status, where it writes, and its evaluation;
+    while it runs, the pid and host running it and their last heartbeat."""
 
     name: str
     config_yaml: str
@@ -98,3 +99,6 @@ class FusionJobInfo:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    pid: int | None = None
+    host: str | None = None
+    heartbeat_at: datetime | None = None

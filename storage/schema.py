@@ -20,7 +20,7 @@ STUDY_STATUSES = ("created", "running", "stopped", "finished", "failed", "interr
 RUN_STATUSES = ("running", "stopped", "finished", "failed", "interrupted")
 TRIAL_STATES = ("RUNNING", "COMPLETE", "FAIL", "PRUNED")
 STOP_MODES = ("stop", "cancel")
-FUSION_STATUSES = ("created", "running", "finished", "failed")
+FUSION_STATUSES = ("created", "running", "stopped", "finished", "failed", "interrupted")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -136,6 +136,10 @@ fusion_jobs = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # The lease of the process running the job (as a study's run): who, and when it last said so.
+    sa.Column("pid", sa.Integer),
+    sa.Column("host", sa.String(255)),
+    sa.Column("heartbeat_at", UTCDateTime),
 )
 
 fusion_steps = sa.Table(

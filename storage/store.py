@@ -7,10 +7,9 @@ transaction, and returns plain dataclasses, never ORM objects, so results can cr
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +40,7 @@ from storage.errors import (
     UnknownTrialError,
     translated,
 )
+from storage.lease import process_alive
 from storage.records import (
     RUN_INTERRUPTED,
     FusionJobInfo,
@@ -86,19 +86,28 @@ _STUDY_FIELDS = frozenset(f.name for f in fields(StudyInfo))
 _JOB_FIELDS = frozenset(f.name for f in fields(FusionJobInfo))
 
 
+def _fusion_job(row: sa.Row, stale_after_s: float | None) -> FusionJobInfo:
+    info = FusionJobInfo(**{k: v for k, v in row._mapping.items() if k in _JOB_FIELDS})
+    if info.status != "running" or stale_after_s is None:
+        return info
+    beat = info.heartbeat_at
+    if beat is None or (_now() - beat).total_seconds() >= stale_after_s:
+        return replace(info, status="interrupted")
+    return info
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one we may not signal still exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _lease_held(
+    heartbeat_at: datetime, pid: int, host: str, here: str, now: datetime, stale_after_s: float
+) -> bool:
+    """Whether a run's (or a fusion job's) process still holds its lease: it heartbeat within
+    `stale_after_s` and is not a pid gone from this very host (a SIGKILL leaves no time to
+    say so)."""
+    age = (now - heartbeat_at).total_seconds()
+    return age < stale_after_s and not (host == here and not process_alive(pid))
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -341,9 +350,8 @@ class Store:
                 sa.select(runs).where(runs.c.study_id == study_id, runs.c.status == "running")
             ).all()
             for run in live:
-                age = (now - run.heartbeat_at).total_seconds()
-                gone = run.host == host and not _pid_alive(run.pid)
-                if age < stale_after_s and not gone:
+                if _lease_held(run.heartbeat_at, run.pid, run.host, host, now, stale_after_s):
+                    age = (now - run.heartbeat_at).total_seconds()
                     raise StudyBusyError(
                         f"study {study!r} is already being run by pid {run.pid} on "
                         f"{run.host} (run {run.id}, last heartbeat {age:.1f} s ago); stop it "
@@ -634,21 +642,68 @@ class Store:
             raise StudyExistsError(f"fusion job {name!r} already exists in {self.url}") from e
         return info
 
-    def fusion_job(self, name: str, *, missing_ok: bool = False) -> FusionJobInfo | None:
+    def fusion_job(
+        self, name: str, *, missing_ok: bool = False, stale_after_s: float | None = None
+    ) -> FusionJobInfo | None:
+        """One job; with `stale_after_s`, a `running` one whose process stopped heartbeating
+        is shown as `interrupted` (as `list_studies` shows a study)."""
         with self._tx(write=False) as conn:
             row = conn.execute(sa.select(fusion_jobs).where(fusion_jobs.c.name == name)).first()
         if row is None:
             if missing_ok:
                 return None
             raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
-        return FusionJobInfo(**{k: v for k, v in row._mapping.items() if k in _JOB_FIELDS})
+        return _fusion_job(row, stale_after_s)
 
-    def list_fusion_jobs(self) -> list[FusionJobInfo]:
+    def list_fusion_jobs(self, *, stale_after_s: float | None = None) -> list[FusionJobInfo]:
         with self._tx(write=False) as conn:
             rows = conn.execute(sa.select(fusion_jobs).order_by(fusion_jobs.c.id)).all()
-        return [
-            FusionJobInfo(**{k: v for k, v in r._mapping.items() if k in _JOB_FIELDS}) for r in rows
-        ]
+        return [_fusion_job(r, stale_after_s) for r in rows]
+
+    def claim_fusion_job(self, name: str, pid: int, host: str, stale_after_s: float) -> None:
+        """Take a job's lease and mark it `running`, as `start_run` does for a study:
+        `StudyBusyError` while another process runs it (two would train into one folder)."""
+        with self._tx(write=True) as conn:
+            query = sa.select(fusion_jobs).where(fusion_jobs.c.name == name).with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
+            now = _now()
+            held = row.status == "running" and row.heartbeat_at is not None
+            if held and _lease_held(row.heartbeat_at, row.pid, row.host, host, now, stale_after_s):
+                age = (now - row.heartbeat_at).total_seconds()
+                raise StudyBusyError(
+                    f"fusion job {name!r} is already being run by pid {row.pid} on {row.host} "
+                    f"(last heartbeat {age:.1f} s ago); stop that process (Ctrl-C, SIGTERM), or "
+                    f"if it is dead, retry once its heartbeat is {stale_after_s:g} s old"
+                )
+            conn.execute(
+                sa.update(fusion_jobs)
+                .where(fusion_jobs.c.id == row.id)
+                .values(
+                    status="running",
+                    error=None,
+                    pid=pid,
+                    host=host,
+                    heartbeat_at=now,
+                    updated_at=now,
+                )
+            )
+
+    def fusion_heartbeat(self, name: str, pid: int) -> None:
+        """Say the job's process `pid` is alive; `LeaseLostError` if it no longer runs it."""
+        with self._tx(write=True) as conn:
+            result = conn.execute(
+                sa.update(fusion_jobs)
+                .where(
+                    fusion_jobs.c.name == name,
+                    fusion_jobs.c.pid == pid,
+                    fusion_jobs.c.status == "running",
+                )
+                .values(heartbeat_at=_now())
+            )
+        if result.rowcount != 1:
+            raise LeaseLostError(f"fusion job {name!r} is no longer run by pid {pid}")
 
     def set_fusion_job(
         self,

@@ -126,3 +126,43 @@ def test_bad_dataflow_fields_are_named(text, field):
     with pytest.raises(ConfigError) as e:
         StudyConfig.from_yaml(text, source="cfg.yaml")
     assert field in str(e.value)
+
+
+SELECT_MIX = """
+name: g
+base: zoo:base
+sources: [zoo:a, zoo:b]
+method: task_arithmetic
+search: {weight: {low: 0, high: 2}}
+optimizer: {kind: average, scale: 2, evolve: 3}
+mixture: {others: [zoo:c], prompts: [[zoo:add], [zoo:reverse]]}
+fitness: {tasks: [zoo:add, zoo:reverse]}
+"""
+PS_DFS = """
+name: s
+base: zoo:base
+sources: [zoo:a, zoo:b]
+method: ties
+search: {weight: {low: 0, high: 1}}
+dataflow: {b: zoo:c, trials: 7}
+fitness: {tasks: [zoo:add]}
+"""
+
+
+def test_a_chain_knows_its_stages_and_no_other_study_of_their_names() -> None:
+    """Each stage, stored and read back, is its parent's; a study that only has its name,
+    or a stage of another parent, is not."""
+    select = StudyConfig.from_yaml(SELECT_MIX)
+    assert select.later_stages() == ("g-evolve", "g-evolve-mix")
+    evolve = StudyConfig.from_yaml(select.evolve_stage((0.5, 1.25)).to_yaml())
+    mix = StudyConfig.from_yaml(evolve.mixture_stage('"merge"', 4).to_yaml())
+    ps = StudyConfig.from_yaml(PS_DFS)
+    dfs = StudyConfig.from_yaml(ps.dataflow_stage('"merge"').to_yaml())
+    alone = StudyConfig.from_yaml(PS_DFS.replace("dataflow: {b: zoo:c, trials: 7}\n", ""))
+    assert ps.later_stages() == ("s-dfs",) and alone.later_stages() == ()
+    assert evolve.is_stage_of(select) and mix.is_stage_of(evolve) and dfs.is_stage_of(ps)
+    assert not mix.is_stage_of(select) and not dfs.is_stage_of(select)
+    named_alike = StudyConfig.from_yaml(PS_DFS.replace("name: s", "name: s-dfs"))
+    assert not named_alike.is_stage_of(ps)
+    other_models = StudyConfig.from_yaml(PS_DFS.replace("zoo:b]", "zoo:d]"))
+    assert not dfs.is_stage_of(other_models.model_copy(update={"name": "s"}))

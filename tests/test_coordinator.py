@@ -232,7 +232,8 @@ def test_a_device_fault_fails_the_trial_and_restarts_its_worker(
     zoo_dir, ray_local, sqlite_store, tmp_path, monkeypatch
 ):
     """A broken CUDA context fails every later call: the trial is a FAIL that names the
-    error, the worker comes back as a fresh process, and the search goes on."""
+    error, the worker comes back as a fresh process, and the search goes on. The trial
+    queued behind it (`workers.queue: 2`) never runs on the broken process: it reruns."""
     import ray
 
     from workers.pool import connect
@@ -242,7 +243,7 @@ def test_a_device_fault_fails_the_trial_and_restarts_its_worker(
     monkeypatch.setenv("EVOMERGE_TEST_MARKER", str(marker))
     connect(None, num_cpus=2)
     yaml = CONFIG.format(name="fault", trials=4).replace("heldout_top_k: 2", "heldout_top_k: 0")
-    cfg = StudyConfig.from_yaml(yaml.replace("count: 2", "count: 1"))
+    cfg = StudyConfig.from_yaml(yaml.replace("count: 2", "count: 1, queue: 2"))
     register(sqlite_store, cfg)
     summary = Coordinator(cfg, sqlite_store, worker_cls=DeviceFaultOnceWorker).run()
     assert (summary.status, summary.complete, summary.failed) == ("finished", 4, 1)
@@ -255,6 +256,7 @@ def test_a_device_fault_fails_the_trial_and_restarts_its_worker(
     assert failed.worker.split(":")[1] == faulted_pid
     later = [r for r in sqlite_store.trials("fault") if r.number > failed.number]
     assert later and all(r.worker.split(":")[1] != faulted_pid for r in later)
+    assert later[0].attempts == 2  # queued behind the fault: its first attempt died with it
 
 
 class NaNOnOddTrialsWorker(CandidateWorker):

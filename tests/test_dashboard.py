@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from evomerge.cli import app as cli
+from evomerge.config import StudyConfig
 from evomerge.dashboard import create_app
 from evomerge.dashboard.charts import best_so_far, nice_ticks, thin
 from evomerge.dashboard.configform import MAX_ERRORS
@@ -31,6 +33,7 @@ from evomerge.dashboard.sample import (
     config_yaml,
     fill_study,
     one_trial_study,
+    ps_recipe,
 )
 from evomerge.recipe import Recipe, layer_group_names
 from storage import Store
@@ -176,20 +179,29 @@ def test_a_chain_links_its_stages_and_a_foreign_config_is_named(
     tmp_path: Path, dirs: dict[str, Path]
 ) -> None:
     """PS+DFS's two studies link each other (the chain's logs and its Stop are on the
-    first); a stored config this version cannot read is said, not silently dropped."""
+    first), but a study that only has a stage's name is no stage; a stored config this
+    version cannot read is said, not silently dropped."""
     url = f"sqlite:///{tmp_path / 'chain.db'}"
+    ps_dfs = StudyConfig.from_yaml(
+        config_yaml("chain", zoo="test") + "dataflow: {b: zoo:translate, scales: pair}\n"
+    )
+    stage = ps_dfs.dataflow_stage(ps_recipe(random.Random(0)).to_json())
     with Store(url) as store:
         store.migrate()
-        fill_study(store, "chain", 8)
-        fill_study(store, "chain-dfs", 8, method="dataflow", seed=2, zoo="test")
+        for config in (ps_dfs, stage):
+            store.create_study(config.name, config.to_yaml(), optuna_study_name=config.name)
+        fill_study(store, "lone", 8)
+        fill_study(store, "lone-dfs", 8, method="dataflow", seed=2, zoo="test")
         fill_study(store, "future", 4)
         future = store.get_study("future").config_yaml + "fitness_cache: {days: 3}\n"
         store.create_study("future-2", future, optuna_study_name="future-2")
     with make_client(url, dirs) as c:
         first, second = c.get("/studies/chain").text, c.get("/studies/chain-dfs").text
+        lone, lone_dfs = c.get("/studies/lone").text, c.get("/studies/lone-dfs").text
         foreign = c.get("/studies/future-2")
     assert 'href="/studies/chain-dfs"' in text_of_html(first, "chain")
     assert 'href="/studies/chain"' in text_of_html(second, "chain")
+    assert 'id="chain"' not in lone and 'id="chain"' not in lone_dfs
     assert foreign.status_code == 200
     assert "fitness_cache" in text_of(foreign.text, "config-error")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,35 @@ def test_a_job_sigkilled_mid_training_resumes_to_the_uninterrupted_weights(
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert store.fusion_steps("cut") == store.fusion_steps("whole")
     assert [s["step"] for s in store.fusion_steps("cut")] == list(range(1, 13))
+
+
+def test_one_process_runs_a_job_and_a_stopped_container_stops_it(folders, tmp_path) -> None:
+    """A second `evomerge fuse` of a running job is refused (exit 3), and the container's
+    dashboard stopping its host's work SIGTERMs the job: `stopped`, resumable, not `running`
+    until its heartbeat goes stale."""
+    from evomerge.dashboard.launch import stop_host_runs
+
+    url = f"sqlite:///{tmp_path / 'lease.db'}"
+    env = {**os.environ, "EVOMERGE_STORAGE": url, "COLUMNS": "300"}
+    data = config(folders, name="long", workers=0).model_dump(mode="json", exclude_none=True)
+    data["train"] |= {"steps": 1_000_000, "checkpoint_every": 100_000}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "long")}))
+    store = Store(url)
+    store.migrate()
+    first = _evomerge("fuse", str(path), env=env)
+    deadline = time.monotonic() + 120
+    while (job := store.fusion_job("long", missing_ok=True)) is None or job.pid != first.pid:
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[0]
+        time.sleep(0.2)
+    second = _evomerge("fuse", str(path), env=env)
+    out, _ = second.communicate(timeout=120)
+    said = " ".join(out.split())
+    assert second.returncode == 3 and f"already being run by pid {first.pid}" in said, out
+    assert stop_host_runs(store, stale_after_s=30, wait_s=60) == {}
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode != 0 and "`evomerge fuse" in out and "resumes it" in out, out
+    assert store.fusion_job("long", stale_after_s=30).status == "stopped"
 
 
 def test_ray_train_with_one_worker_trains_the_weights_of_training_in_process(

@@ -103,6 +103,8 @@ def test_a_database_of_the_first_schema_upgrades_keeping_its_studies(db_url: str
         store.create_fusion_job("f", "name: f\n", "/tmp/f")
         store.record_fusion_steps("f", [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}])
         assert store.fusion_steps("f") == [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}]
+        store.claim_fusion_job("f", os.getpid(), socket.gethostname(), stale_after_s=60)
+        assert store.fusion_job("f").pid == os.getpid()  # and a fusion job's lease (0003)
 
 
 def test_status_says_a_silent_run_is_interrupted(db_url: str) -> None:
@@ -162,7 +164,7 @@ def test_migrate_is_idempotent_and_matches_schema(db_url: str) -> None:
         tables = set(sa.inspect(conn).get_table_names())
         assert tables == {VERSION_TABLE, *metadata.tables}, "only evomerge_ tables, no others"
         version = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-        assert version == [("0002",)]
+        assert version == [("0003",)]
         context = MigrationContext.configure(
             conn,
             opts={
@@ -497,6 +499,38 @@ def test_trials_are_paged(store: Store) -> None:
 
 
 # Runs
+
+
+def test_a_fusion_job_has_a_lease_like_a_run(store: Store) -> None:
+    """One process runs a fusion job at a time (two would train into one folder); a job
+    whose process went silent is shown interrupted and taken over, at once when its pid is
+    gone from this host."""
+    store.create_fusion_job("f", "name: f\n", "/runs/f")
+    here = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid no longer exists
+    store.claim_fusion_job("f", gone.pid, here, stale_after_s=60)
+    job = store.fusion_job("f", stale_after_s=60)
+    assert (job.status, job.pid, job.host) == ("running", gone.pid, here)
+    store.claim_fusion_job("f", os.getpid(), here, stale_after_s=60)  # gone: taken at once
+    with pytest.raises(
+        StudyBusyError, match=rf"fusion job 'f' is already being run by pid {os.getpid()}"
+    ):
+        store.claim_fusion_job("f", 2, here + "-elsewhere", stale_after_s=60)
+    with pytest.raises(LeaseLostError, match="no longer run by pid 2"):
+        store.fusion_heartbeat("f", 2)
+    store.fusion_heartbeat("f", os.getpid())
+    time.sleep(0.3)
+    assert store.list_fusion_jobs(stale_after_s=0.2)[0].status == "interrupted"
+    assert store.fusion_job("f").status == "running"  # as stored, without a stale limit
+    store.claim_fusion_job("f", 2, here + "-elsewhere", stale_after_s=0.2)  # silent: taken
+    with pytest.raises(LeaseLostError):
+        store.fusion_heartbeat("f", os.getpid())
+    store.set_fusion_job("f", "stopped")
+    assert store.fusion_job("f", stale_after_s=0.2).status == "stopped"
+    store.claim_fusion_job("f", 3, here + "-elsewhere", stale_after_s=60)  # stopped: free
+    with pytest.raises(UnknownStudyError):
+        store.claim_fusion_job("nope", 1, here, stale_after_s=60)
 
 
 def test_run_lease(store: Store) -> None:

@@ -193,18 +193,25 @@ class CandidateWorker:
         }
 
     def pid(self) -> int:
-        """The worker's process id. A worker whose device context broke exits here instead:
-        the pool pings it after that trial, and Ray restarts it as a fresh process."""
+        """The worker's process id (the pool's ping)."""
+        self._exit_if_broken()
+        return os.getpid()
+
+    def _exit_if_broken(self) -> None:
+        """A worker whose device context broke exits at its next call: the pool's ping after
+        that trial, or a trial queued behind it (which then reruns elsewhere, as after any
+        worker death). Ray restarts it as a fresh process."""
         if self.broken:
             os._exit(1)
-        return os.getpid()
 
     def device_works(self) -> bool:
         return self.device != "cuda" or device_works()
 
     def evaluate(self, recipe_json: str, split: str = "search") -> TrialResult:
         """Build the recipe into the resident model and score it; errors become results."""
+        self._exit_if_broken()
         result = TrialResult(worker=self.name)
+        failure: Exception | None = None
         try:
             t0 = time.perf_counter()
             try:
@@ -220,9 +227,10 @@ class CandidateWorker:
             result.build_seconds = t1 - t0
             result.eval_seconds = time.perf_counter() - t1
         except Exception as e:  # a bad candidate, or one too big, must not take the worker down
-            result.error = f"{type(e).__name__}: {e}"
-        if result.error is not None:
-            if self.device_works():
+            result.error, failure = f"{type(e).__name__}: {e}", e
+        if failure is not None:
+            # An out-of-memory leaves the device full, not broken: the probe would misread it.
+            if isinstance(failure, OutOfMemory) or out_of_memory(failure) or self.device_works():
                 release()
             else:
                 self.broken = result.restart = True

@@ -84,4 +84,6 @@ def dashboard(
         raise fail(f"cannot open storage {masked(url)}: {e}", 2) from e
     shown = f"http://{host}:{port}/" + ("?token=…" if token else "")
     console.print(f"evomerge dashboard on [bold]{shown}[/] (storage {masked(url)})")
-    uvicorn.run(web, host=host, port=port, log_level="warning")
+    # Open requests get 5 s to finish at shutdown, so a slow one cannot spend the container's
+    # grace period before the runs are stopped (--stop-runs-on-exit).
+    uvicorn.run(web, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -9,9 +11,11 @@ import typer
 import yaml
 from rich.table import Table
 
-from evomerge.cli.app import app, console, err_console, fail
+from evomerge.cli.app import app, console, err_console, exit_on_sigterm, fail
 from evomerge.cli.study import StorageOpt, _open_store
-from evomerge.config import ConfigError
+from evomerge.config import ConfigError, HeartbeatConfig
+from storage import LeaseLostError, StudyBusyError
+from storage.lease import Heartbeat
 
 
 @app.command()
@@ -48,7 +52,17 @@ def fuse(
             f"fusion job [bold]{cfg.name}[/] exists ({job.status}): resuming it with its "
             "stored config"
         )
-    store.set_fusion_job(cfg.name, "running")
+    stale = HeartbeatConfig()  # as a study's run: silent this long, the job is dead
+    pid = os.getpid()
+    exit_on_sigterm()
+    try:
+        store.claim_fusion_job(cfg.name, pid, socket.gethostname(), stale.stale_after_s)
+    except StudyBusyError as e:
+        raise fail(str(e), 3) from e
+    beat = Heartbeat(
+        lambda: store.fusion_heartbeat(cfg.name, pid), stale.interval_s, f"fusion job {cfg.name}"
+    )
+    beat.start()
     try:
         examples = prepare(cfg, say)
         if cfg.workers:
@@ -59,16 +73,31 @@ def fuse(
                 examples,
                 Path(job.out_dir),
                 say,
-                on_checkpoint=lambda steps: store.record_fusion_steps(cfg.name, steps),
+                on_checkpoint=lambda steps: _record(store, beat, cfg.name, steps),
             )
         evaluation = _evaluate(cfg, model, say) if cfg.evaluate else None
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: resumable, not failed
+        store.set_fusion_job(cfg.name, "stopped")
+        again = f"evomerge fuse {config}" + (" --control" if control else "")
+        console.print(f"fusion job {cfg.name!r} stopped; `{again}` resumes it from its checkpoint")
+        raise
+    except LeaseLostError as e:  # the job is another process's now: leave its record alone
+        raise fail(f"{e}; this process stops", 3) from e
     except Exception as e:
         store.set_fusion_job(cfg.name, "failed", error=f"{type(e).__name__}: {e}")
         raise fail(f"fusion job {cfg.name!r} failed: {e}", 1) from e
+    finally:
+        beat.stop()
     store.set_fusion_job(cfg.name, "finished", evaluation=evaluation)
     console.print(f"fusion job [bold]{cfg.name}[/]: finished; the fused model is {model}")
     if evaluation:
         console.print(_table(cfg.name, evaluation))
+
+
+def _record(store, beat: Heartbeat, name: str, steps: list[dict[str, float]]) -> None:
+    """A checkpoint's losses, while this process still holds the job."""
+    beat.check()
+    store.record_fusion_steps(name, steps)
 
 
 def _zoo_parts(cfg) -> None:

@@ -31,7 +31,7 @@ def refuse_unfit(cfg: StudyConfig) -> None:
         plans = stage_plans(cfg)
     except FileNotFoundError:
         return
-    except ValueError as e:  # a task row the base's tokenizer cannot encode
+    except ValueError as e:  # a task's rows that cannot be read or encoded
         raise fail(str(e), 2) from e
     for name, plan in plans.items():
         if plan.choice is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +12,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from evomerge.cli.app import app, console, fail
+from evomerge.cli.app import app, console, exit_on_sigterm, fail
 from evomerge.cli.plan import refuse_unfit
-from evomerge.config import STAGES, ConfigError, HeartbeatConfig, StudyConfig
+from evomerge.config import ConfigError, HeartbeatConfig, StudyConfig
 from evomerge.killpoints import kill_point
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -81,10 +79,6 @@ def _preflight(config: StudyConfig, url: str) -> None:
         raise fail(f"study {config.name!r} cannot start:\n{lines}", 2)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] = ()) -> None:
     """Validate, register (for a new study) and run one study with a live progress bar;
     `stop_from`: the chain's earlier stages, whose stop requests stop it too."""
@@ -93,11 +87,7 @@ def _drive(config: StudyConfig, store, *, new: bool, stop_from: tuple[str, ...] 
     from storage import StudyBusyError
     from workers.pool import WorkersLostError, WorkerStartError
 
-    # SIGTERM (`kill`, a scheduler's stop) ends the run as Ctrl-C does: recorded `stopped`.
-    # Ray's driver sets the same handler, but only where it starts Ray in this thread; not
-    # when pre-flight has joined a cluster (workers.ray_address, RAY_ADDRESS).
-    if threading.current_thread() is threading.main_thread():  # only there can it be set
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()
     if new:
         if store.get_study(config.name, missing_ok=True) is not None:
             raise fail(f"study {config.name!r} exists; use `evomerge resume {config.name}`", 2)
@@ -244,7 +234,7 @@ def run(
     refuse_unfit(cfg)
     store = _open_store(url)
     _drive(cfg, store, new=True)
-    _print_chain_best(store, cfg.name)
+    _print_chain_best(store, cfg)
 
 
 @app.command()
@@ -258,14 +248,15 @@ def resume(study: str, storage: StorageOpt = None) -> None:
     cfg = StudyConfig.from_yaml(row.config_yaml, source=f"study {study!r}")
     _preflight(cfg, url)
     _drive(cfg, store, new=False)
-    _print_chain_best(store, study)
+    _print_chain_best(store, cfg)
 
 
-def _print_chain_best(store, study: str) -> None:
+def _print_chain_best(store, config: StudyConfig) -> None:
     """The best of the study, and of each later stage of its chain (PS+DFS's routes, ...)."""
-    for name in (study, *(study + s for s in STAGES)):
-        if store.get_study(name, missing_ok=True) is not None:
-            _print_best(store, name, top=3)
+    from evomerge.chain import later_stages
+
+    for name in (config.name, *later_stages(store, config)):
+        _print_best(store, name, top=3)
 
 
 @app.command()

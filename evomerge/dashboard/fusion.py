@@ -25,7 +25,8 @@ def _configs(ctx: Context) -> list[Path]:
 
 @router.get("/fusion")
 def fusion_jobs(request: Request, ctx: Ctx) -> Response:
-    jobs = [(job, len(ctx.store.fusion_steps(job.name))) for job in ctx.store.list_fusion_jobs()]
+    listed = ctx.store.list_fusion_jobs(stale_after_s=ctx.stale_after_s)
+    jobs = [(job, len(ctx.store.fusion_steps(job.name))) for job in listed]
     configs = [c.name for c in _configs(ctx)]
     return ctx.render(request, "fusion_jobs.html", jobs=jobs, configs=configs)
 
@@ -48,7 +49,7 @@ async def start_fusion(request: Request, ctx: Ctx) -> Response:
 
 @router.get("/fusion/{name}")
 def fusion_job(request: Request, ctx: Ctx, name: str) -> Response:
-    job = ctx.store.fusion_job(name)
+    job = ctx.store.fusion_job(name, stale_after_s=ctx.stale_after_s)
     steps = ctx.store.fusion_steps(name)
     chart = line_chart(
         {key: [(s["step"], s[key]) for s in steps] for key in ("loss", "clm", "fusion")},

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
-
 from evomerge.config import StudyConfig
 from evomerge.dashboard.paths import PathRefused, child
-from storage import RunInfo, Store, UnknownStudyError
+from storage import Store, UnknownStudyError
+from storage.lease import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -133,34 +132,39 @@ class Launcher:
         return log
 
 
-def stop_host_runs(store: Store, stale_after_s: float, wait_s: float) -> list[RunInfo]:
-    """SIGTERM every live run of this host (started here or not) and wait up to `wait_s`
-    for their processes to end; returns the runs still alive then.
+def stop_host_runs(store: Store, stale_after_s: float, wait_s: float) -> dict[int, str]:
+    """SIGTERM every live run and fusion job of this host (started here or not) and wait up
+    to `wait_s` for their processes to end; returns those still alive then (pid: name).
 
     For a dashboard that is its container's main process: stopping the container stops
-    the coordinators in it, and a SIGTERMed run ends `stopped` and resumes at once, where
-    one killed with its container stays `running` until its heartbeat goes stale.
+    the coordinators and fusion jobs in it, and a SIGTERMed one ends `stopped` and resumes
+    at once, where one killed with its container stays `running` until its heartbeat goes
+    stale.
     """
     host = socket.gethostname()
-    live = [
-        run
+    live = {
+        run.pid: run.study
         for study in store.list_studies(stale_after_s=stale_after_s)
         if study.status == "running"
         for run in store.runs(study.name)
-        if run.status == "running" and run.host == host and psutil.pid_exists(run.pid)
-    ]
+        if run.status == "running" and run.host == host
+    }
+    for job in store.list_fusion_jobs(stale_after_s=stale_after_s):
+        if job.status == "running" and job.host == host and job.pid is not None:
+            live[job.pid] = f"fusion job {job.name}"
+    live = {pid: name for pid, name in live.items() if process_alive(pid)}
     if live:
-        names = ", ".join(f"{r.study} (pid {r.pid})" for r in live)
+        names = ", ".join(f"{name} (pid {pid})" for pid, name in live.items())
         log.warning("stopping this host's runs: %s", names)
-    for run in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(run.pid, signal.SIGTERM)
+    for pid in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
     while live and time.monotonic() < deadline:
         time.sleep(0.2)
-        live = [r for r in live if psutil.pid_exists(r.pid)]
+        live = {pid: name for pid, name in live.items() if process_alive(pid)}
     if live:
-        log.warning("still running after %g s: pid %s", wait_s, ", ".join(str(r.pid) for r in live))
+        log.warning("still running after %g s: pid %s", wait_s, ", ".join(map(str, live)))
     return live
 
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from evomerge.config import STAGES, ConfigError, StudyConfig
+from evomerge.chain import first_stage, later_stages
+from evomerge.config import ConfigError, StudyConfig
 from evomerge.dashboard.configform import FieldError, check_config, preflight_errors
 from evomerge.dashboard.context import Context, context, read_form, study_url
 from evomerge.dashboard.launch import tail
@@ -119,9 +120,8 @@ def _study_values(ctx: Context, name: str, table: TableState) -> dict[str, Any]:
         config: StudyConfig | None = StudyConfig.from_yaml(info.config_yaml)
     except ConfigError as e:  # stored by another version of evomerge: say so, show the rest
         config, config_error = None, str(e)
-    first = next((name[: -len(s)] for s in STAGES if name.endswith(s)), None)
-    first = first if first and ctx.store.get_study(first, missing_ok=True) else None
-    later = [n for n in (name + s for s in STAGES) if ctx.store.get_study(n, missing_ok=True)]
+    first = first_stage(ctx.store, name)
+    later = later_stages(ctx.store, config) if config else []
     points = ctx.queries.points(name)
     pages = max(1, math.ceil(len(points) / PAGE_SIZE))
     page = min(table.page, pages)
