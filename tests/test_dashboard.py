@@ -362,8 +362,9 @@ def test_compare_two_recipes(client: TestClient) -> None:
 
 def test_stop_and_cancel_request_a_stop(filled: str, dirs: dict[str, Path]) -> None:
     with Store(filled) as store, make_client(filled, dirs) as c:
-        r = c.post("/studies/ties-live/stop")
-        assert r.status_code == 303 and r.headers["location"].endswith("note=stop")
+        r = c.post("/studies/ties-live/stop?sort=fitness&desc=0&page=2")
+        assert r.status_code == 303  # back to the page as it was sorted
+        assert r.headers["location"].endswith("?sort=fitness&desc=0&page=2&note=stop")
         assert store.stop_request("ties-live") == "stop"
         c.post("/studies/ties-live/cancel")
         c.post("/studies/ties-live/stop")

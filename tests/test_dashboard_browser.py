@@ -90,6 +90,7 @@ def test_walk_a_filled_store(page: Page, tmp_path: Path) -> None:
 
         page.get_by_role("button", name="Stop").click()
         expect(page.locator(".note")).to_contain_text("Stop requested")
+        expect(page).to_have_url(re.compile(r"sort=number&desc=0"))  # still sorted so
         expect(page.locator("#stop-request")).to_have_text("(stop requested)")
 
         page.goto(f"{base}/studies/watched/trials/{best.number}")

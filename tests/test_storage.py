@@ -108,21 +108,31 @@ def test_a_database_of_the_first_schema_upgrades_keeping_its_studies(db_url: str
 
 
 def test_status_says_a_silent_run_is_interrupted(db_url: str) -> None:
-    """A coordinator SIGKILLed an hour ago: `evomerge status` says interrupted, as the
-    dashboard does, not running forever."""
-    from storage.schema import runs
+    """A coordinator (and a fusion job) SIGKILLed an hour ago: `evomerge status` says
+    interrupted, as the dashboard does, not running forever."""
+    from storage.schema import fusion_jobs, runs
 
     with Store(db_url) as store:
         store.migrate()
         add_study(store, "killed")
         store.start_run("killed", 1, "h", stale_after_s=60)
+        store.create_fusion_job("fused", "name: fused\n", "/runs/fused")
+        store.claim_fusion_job("fused", 2, "h", stale_after_s=60)
+        store.record_fusion_steps("fused", [{"step": 1, "loss": 2.0, "clm": 2.5, "fusion": 1.5}])
     engine = sa.create_engine(db_url, poolclass=NullPool)
     with engine.begin() as conn:
-        conn.execute(sa.update(runs).values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1)))
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        conn.execute(sa.update(runs).values(heartbeat_at=hour_ago))
+        conn.execute(sa.update(fusion_jobs).values(heartbeat_at=hour_ago))
     engine.dispose()
     shown = CliRunner().invoke(app, ["status", "--storage", db_url, "--json"])
     assert shown.exit_code == 0, shown.output
-    assert [s["status"] for s in json.loads(shown.output)["studies"]] == ["interrupted"]
+    listed = json.loads(shown.output)
+    assert [s["status"] for s in listed["studies"]] == ["interrupted"]
+    (job,) = listed["fusion_jobs"]
+    assert (job["name"], job["status"], job["steps"], job["pid"]) == ("fused", "interrupted", 1, 2)
+    table = CliRunner().invoke(app, ["status", "fused", "--storage", db_url])
+    assert table.exit_code == 0 and "interrupted" in table.output and "pid 2 on h" in table.output
 
 
 def test_fusion_jobs_keep_status_evaluation_and_the_steps_of_a_resumed_run(db_url: str) -> None:

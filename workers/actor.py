@@ -211,7 +211,7 @@ class CandidateWorker:
         """Build the recipe into the resident model and score it; errors become results."""
         self._exit_if_broken()
         result = TrialResult(worker=self.name)
-        failure: Exception | None = None
+        oom = False
         try:
             t0 = time.perf_counter()
             try:
@@ -227,10 +227,13 @@ class CandidateWorker:
             result.build_seconds = t1 - t0
             result.eval_seconds = time.perf_counter() - t1
         except Exception as e:  # a bad candidate, or one too big, must not take the worker down
-            result.error, failure = f"{type(e).__name__}: {e}", e
-        if failure is not None:
+            # Only its text is kept: its traceback's frames hold what the failed build or
+            # evaluation allocated, which `release` must be able to free.
+            result.error = f"{type(e).__name__}: {e}"
+            oom = isinstance(e, OutOfMemory) or out_of_memory(e)
+        if result.error is not None:
             # An out-of-memory leaves the device full, not broken: the probe would misread it.
-            if isinstance(failure, OutOfMemory) or out_of_memory(failure) or self.device_works():
+            if oom or self.device_works():
                 release()
             else:
                 self.broken = result.restart = True

@@ -282,7 +282,8 @@ def status(
     storage: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Studies in the database, or one study's runs and counts (works during a run)."""
+    """Studies and fusion jobs in the database, or one's runs and counts (works during a
+    run)."""
     store = _open_store(_storage_url(storage), create=False)
     stale_after_s = HeartbeatConfig().stale_after_s  # silent this long: dead (as the dashboard)
     rows = [
@@ -290,11 +291,25 @@ def status(
         for r in store.list_studies(stale_after_s=stale_after_s)
         if study is None or r.name == study
     ]
-    if study is not None and not rows:
-        raise fail(f"no study named {study!r} in {store.url}", 2)
-    runs = store.runs(study) if study else []
+    jobs = [
+        j
+        for j in store.list_fusion_jobs(stale_after_s=stale_after_s)
+        if study is None or j.name == study
+    ]
+    if study is not None and not rows and not jobs:
+        raise fail(f"no study or fusion job named {study!r} in {store.url}", 2)
+    runs = store.runs(study) if study and rows else []
+    steps = {j.name: len(store.fusion_steps(j.name)) for j in jobs}
     if as_json:
-        out = {"studies": [_plain(r) for r in rows], "runs": [_plain(r) for r in runs]}
+        out = {
+            "studies": [_plain(r) for r in rows],
+            "runs": [_plain(r) for r in runs],
+            "fusion_jobs": [  # its config is `fuse`'s input, not its status
+                {k: v for k, v in _plain(j).items() if k != "config_yaml"}
+                | {"steps": steps[j.name]}
+                for j in jobs
+            ],
+        }
         console.print_json(json.dumps(out, default=str))
         return
     table = Table("study", "status", "complete/budget", "failed", "best", "last activity")
@@ -308,7 +323,15 @@ def status(
             best,
             str(r.last_activity or "-"),
         )
-    console.print(table)
+    if rows or not jobs:
+        console.print(table)
+    if jobs:
+        ft = Table("fusion job", "status", "steps", "process", "last activity", "error")
+        for j in jobs:
+            process = f"pid {j.pid} on {j.host}" if j.pid is not None else "-"
+            last = max(t for t in (j.updated_at, j.heartbeat_at) if t is not None)
+            ft.add_row(j.name, j.status, str(steps[j.name]), process, str(last), j.error or "")
+        console.print(ft)
     if runs:
         rt = Table("run", "status", "pid", "host", "started", "ended", "heartbeat", "exit")
         for r in runs:

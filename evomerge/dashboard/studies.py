@@ -184,8 +184,11 @@ def study_live(request: Request, ctx: Ctx, name: str, table: Table) -> Response:
 
 
 @router.post("/studies/{name}/{action}")
-def study_action(ctx: Ctx, name: str, action: Literal["stop", "cancel", "resume"]) -> Response:
-    """Stop, Cancel and Resume with the CLI's semantics (a stop request the run polls)."""
+def study_action(
+    ctx: Ctx, name: str, action: Literal["stop", "cancel", "resume"], table: Table
+) -> Response:
+    """Stop, Cancel and Resume with the CLI's semantics (a stop request the run polls); back
+    to the page as it was sorted."""
     note = action
     if action == "resume":
         note = "busy" if _summary(ctx, name).status == "running" else "resumed"
@@ -193,7 +196,8 @@ def study_action(ctx: Ctx, name: str, action: Literal["stop", "cancel", "resume"
             ctx.launcher.resume(name)
     else:
         ctx.store.request_stop(name, action)
-    return RedirectResponse(study_url(name, note=note), 303)
+    state = {"sort": table.sort, "desc": int(table.desc), "page": table.page}
+    return RedirectResponse(study_url(name, **state, note=note), 303)
 
 
 @router.get("/studies/{name}/logs/{file}")
