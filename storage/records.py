@@ -89,7 +89,7 @@ class TrialRow:
 @dataclass(frozen=True)
 class FusionJobInfo:
     """A fusion job (FuseLLM): its config, status, where it writes, and its evaluation;
-    while it runs, the pid and host running it and their last heartbeat."""
+    while it runs, the pid and host running it, their last heartbeat, and a stop request."""
 
     name: str
     config_yaml: str
@@ -102,3 +102,4 @@ class FusionJobInfo:
     pid: int | None = None
     host: str | None = None
     heartbeat_at: datetime | None = None
+    stop_request: str | None = None

@@ -140,6 +140,7 @@ fusion_jobs = sa.Table(
     sa.Column("pid", sa.Integer),
     sa.Column("host", sa.String(255)),
     sa.Column("heartbeat_at", UTCDateTime),
+    sa.Column("stop_request", sa.String(16)),  # `evomerge stop` or the dashboard's Stop
 )
 
 fusion_steps = sa.Table(

@@ -686,24 +686,36 @@ class Store:
                     pid=pid,
                     host=host,
                     heartbeat_at=now,
+                    stop_request=None,  # a Stop pressed while no process ran it
                     updated_at=now,
                 )
             )
 
-    def fusion_heartbeat(self, name: str, pid: int) -> None:
-        """Say the job's process `pid` is alive; `LeaseLostError` if it no longer runs it."""
+    def fusion_heartbeat(self, name: str, pid: int) -> bool:
+        """Say the job's process `pid` is alive, and learn whether it is asked to stop;
+        `LeaseLostError` if it no longer runs the job."""
+        ours = (fusion_jobs.c.name == name, fusion_jobs.c.pid == pid)
         with self._tx(write=True) as conn:
             result = conn.execute(
                 sa.update(fusion_jobs)
-                .where(
-                    fusion_jobs.c.name == name,
-                    fusion_jobs.c.pid == pid,
-                    fusion_jobs.c.status == "running",
-                )
+                .where(*ours, fusion_jobs.c.status == "running")
                 .values(heartbeat_at=_now())
             )
-        if result.rowcount != 1:
-            raise LeaseLostError(f"fusion job {name!r} is no longer run by pid {pid}")
+            if result.rowcount != 1:
+                raise LeaseLostError(f"fusion job {name!r} is no longer run by pid {pid}")
+            query = sa.select(fusion_jobs.c.stop_request).where(*ours)
+            return conn.execute(query).scalar() is not None
+
+    def request_fusion_stop(self, name: str) -> None:
+        """Ask the job's process to stop (it resumes from its last checkpoint)."""
+        with self._tx(write=True) as conn:
+            result = conn.execute(
+                sa.update(fusion_jobs)
+                .where(fusion_jobs.c.name == name)
+                .values(stop_request="stop", updated_at=_now())
+            )
+        if result.rowcount == 0:
+            raise UnknownStudyError(f"no fusion job named {name!r} in {self.url}")
 
     def set_fusion_job(
         self,

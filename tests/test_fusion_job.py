@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -172,9 +173,12 @@ def test_a_job_sigkilled_mid_training_resumes_to_the_uninterrupted_weights(
 
 
 def test_one_process_runs_a_job_and_a_stopped_container_stops_it(folders, tmp_path) -> None:
-    """A second `evomerge fuse` of a running job is refused (exit 3), and the container's
-    dashboard stopping its host's work SIGTERMs the job: `stopped`, resumable, not `running`
-    until its heartbeat goes stale."""
+    """A second `evomerge fuse` of a running job is refused (exit 3); `evomerge stop` stops
+    it, and so does the container's dashboard stopping its host's work (SIGTERM): `stopped`,
+    resumable, not `running` until its heartbeat goes stale."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
     from evomerge.dashboard.launch import stop_host_runs
 
     url = f"sqlite:///{tmp_path / 'lease.db'}"
@@ -185,18 +189,30 @@ def test_one_process_runs_a_job_and_a_stopped_container_stops_it(folders, tmp_pa
     path.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "long")}))
     store = Store(url)
     store.migrate()
-    first = _evomerge("fuse", str(path), env=env)
-    deadline = time.monotonic() + 120
-    while (job := store.fusion_job("long", missing_ok=True)) is None or job.pid != first.pid:
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[0]
-        time.sleep(0.2)
+
+    def running() -> subprocess.Popen:
+        proc = _evomerge("fuse", str(path), env=env)
+        deadline = time.monotonic() + 120
+        while (job := store.fusion_job("long", missing_ok=True)) is None or job.pid != proc.pid:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.2)
+        return proc
+
+    first = running()
     second = _evomerge("fuse", str(path), env=env)
     out, _ = second.communicate(timeout=120)
     said = " ".join(out.split())
     assert second.returncode == 3 and f"already being run by pid {first.pid}" in said, out
+    stop = CliRunner().invoke(app, ["stop", "long", "--storage", url])
+    assert stop.exit_code == 0 and "stop requested for fusion job long" in stop.output
+    out, _ = first.communicate(timeout=60)  # at its next heartbeat (2 s)
+    assert first.returncode != 0 and "stop requested: stopping now" in out, out
+    assert "`evomerge fuse" in out and "resumes it" in out, out
+    assert store.fusion_job("long", stale_after_s=30).status == "stopped"
+    again = running()  # resumed: the old request is not this run's
     assert stop_host_runs(store, stale_after_s=30, wait_s=60) == {}
-    out, _ = first.communicate(timeout=60)
-    assert first.returncode != 0 and "`evomerge fuse" in out and "resumes it" in out, out
+    out, _ = again.communicate(timeout=60)
+    assert again.returncode != 0 and "resuming it" in out and "resumes it" in out, out
     assert store.fusion_job("long", stale_after_s=30).status == "stopped"
 
 
@@ -253,6 +269,15 @@ def test_the_dashboard_lists_jobs_draws_losses_and_starts_a_config(folders, tmp_
         assert list((dirs["runs"] / "started").glob("*-fuse.log"))
         bad = client.post("/fusion", data={"config": "../../etc/passwd"})
         assert bad.status_code == 400
+        assert 'name="stop"' not in client.get("/fusion/seen").text  # finished: nothing to stop
+        store.create_fusion_job("live", "name: live\n", str(tmp_path / "live"))
+        store.claim_fusion_job("live", os.getpid(), "here", stale_after_s=30)
+        assert 'name="stop"' in client.get("/fusion/live").text
+        stopped = client.post("/fusion/live/stop")
+        assert stopped.status_code == 303 and stopped.headers["location"] == "/fusion/live"
+        assert store.fusion_heartbeat("live", os.getpid())  # the job learns it at its next beat
+        assert "(stop requested)" in client.get("/fusion/live").text
+        assert client.post("/fusion/nope/stop").status_code == 404
 
 
 def test_a_fused_model_is_a_source_of_a_merge_with_its_target(folders, tmp_path) -> None:

@@ -529,7 +529,9 @@ def test_a_fusion_job_has_a_lease_like_a_run(store: Store) -> None:
         store.claim_fusion_job("f", 2, here + "-elsewhere", stale_after_s=60)
     with pytest.raises(LeaseLostError, match="no longer run by pid 2"):
         store.fusion_heartbeat("f", 2)
-    store.fusion_heartbeat("f", os.getpid())
+    assert store.fusion_heartbeat("f", os.getpid()) is False  # alive, and not asked to stop
+    store.request_fusion_stop("f")
+    assert store.fusion_heartbeat("f", os.getpid()) is True
     time.sleep(0.3)
     assert store.list_fusion_jobs(stale_after_s=0.2)[0].status == "interrupted"
     assert store.fusion_job("f").status == "running"  # as stored, without a stale limit
@@ -539,6 +541,9 @@ def test_a_fusion_job_has_a_lease_like_a_run(store: Store) -> None:
     store.set_fusion_job("f", "stopped")
     assert store.fusion_job("f", stale_after_s=0.2).status == "stopped"
     store.claim_fusion_job("f", 3, here + "-elsewhere", stale_after_s=60)  # stopped: free
+    assert store.fusion_heartbeat("f", 3) is False  # the old request was not this run's
+    with pytest.raises(UnknownStudyError):
+        store.request_fusion_stop("nope")
     with pytest.raises(UnknownStudyError):
         store.claim_fusion_job("nope", 1, here, stale_after_s=60)
 

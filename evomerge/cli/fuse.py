@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -59,9 +61,17 @@ def fuse(
         store.claim_fusion_job(cfg.name, pid, socket.gethostname(), stale.stale_after_s)
     except StudyBusyError as e:
         raise fail(str(e), 3) from e
-    beat = Heartbeat(
-        lambda: store.fusion_heartbeat(cfg.name, pid), stale.interval_s, f"fusion job {cfg.name}"
-    )
+    stopping = threading.Event()
+
+    def heartbeat() -> None:
+        """The lease's beat; a stop request (`evomerge stop`, the dashboard) ends the job as
+        SIGTERM does, once: `stopped`, resumed from its last checkpoint."""
+        if store.fusion_heartbeat(cfg.name, pid) and not stopping.is_set():
+            stopping.set()
+            say("stop requested: stopping now (the job resumes from its last checkpoint)")
+            os.kill(pid, signal.SIGTERM)
+
+    beat = Heartbeat(heartbeat, stale.interval_s, f"fusion job {cfg.name}")
     beat.start()
     try:
         examples = prepare(cfg, say)

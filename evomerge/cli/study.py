@@ -267,10 +267,16 @@ def stop(
     ] = False,
     storage: StorageOpt = None,
 ) -> None:
-    """Ask a study's live run to stop: running trials finish first, unless --cancel."""
+    """Ask a study's live run to stop: running trials finish first, unless --cancel. A fusion
+    job stops at once and resumes from its last checkpoint."""
     store = _open_store(_storage_url(storage), create=False)
     if store.get_study(study, missing_ok=True) is None:
-        raise fail(f"no study named {study!r} in {store.url}", 2)
+        if store.fusion_job(study, missing_ok=True) is None:
+            raise fail(f"no study or fusion job named {study!r} in {store.url}", 2)
+        with _storage_errors():
+            store.request_fusion_stop(study)
+        console.print(f"stop requested for fusion job {study}")
+        return
     with _storage_errors():
         store.request_stop(study, "cancel" if cancel else "stop")
     console.print(f"{'cancel' if cancel else 'stop'} requested for study {study}")

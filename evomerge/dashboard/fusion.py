@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
@@ -45,6 +46,13 @@ async def start_fusion(request: Request, ctx: Ctx) -> Response:
         return ctx.render(request, "error.html", 400, status=400, message=str(e))
     ctx.launcher.fuse(config.name, path)
     return RedirectResponse(f"/fusion/{config.name}", 303)
+
+
+@router.post("/fusion/{name}/stop")
+def stop_fusion(ctx: Ctx, name: str) -> Response:
+    """Stop a running job as `evomerge stop NAME` does: it resumes from its last checkpoint."""
+    ctx.store.request_fusion_stop(name)
+    return RedirectResponse(f"/fusion/{quote(name, safe='')}", 303)
 
 
 @router.get("/fusion/{name}")

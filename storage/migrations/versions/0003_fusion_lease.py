@@ -1,4 +1,4 @@
-"""A fusion job's lease: the pid and host running it, and its heartbeat.
+"""A fusion job's lease: the pid and host running it, its heartbeat, and a stop request.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,10 +22,12 @@ def upgrade() -> None:
     op.add_column("evomerge_fusion_jobs", sa.Column("pid", sa.Integer))
     op.add_column("evomerge_fusion_jobs", sa.Column("host", sa.String(255)))
     op.add_column("evomerge_fusion_jobs", sa.Column("heartbeat_at", UTCDateTime))
+    op.add_column("evomerge_fusion_jobs", sa.Column("stop_request", sa.String(16)))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("evomerge_fusion_jobs") as batch:
+        batch.drop_column("stop_request")
         batch.drop_column("heartbeat_at")
         batch.drop_column("host")
         batch.drop_column("pid")
