@@ -16,7 +16,7 @@ from rich.table import Table
 from evomerge.cli.app import app, console, err_console, exit_on_sigterm, fail
 from evomerge.cli.study import StorageOpt, _open_store
 from evomerge.config import ConfigError, HeartbeatConfig
-from storage import LeaseLostError, StudyBusyError
+from storage import LeaseLostError, StudyBusyError, StudyExistsError
 from storage.lease import Heartbeat
 
 
@@ -47,7 +47,10 @@ def fuse(
     store = _open_store(url)
     job = store.fusion_job(cfg.name, missing_ok=True)
     if job is None:
-        job = store.create_fusion_job(cfg.name, cfg.to_yaml(), str(cfg.out_dir()))
+        try:
+            job = store.create_fusion_job(cfg.name, cfg.to_yaml(), str(cfg.out_dir()))
+        except StudyExistsError:  # another `fuse` created it just now: the claim decides
+            job = store.fusion_job(cfg.name)
     else:
         cfg = FusionConfig.model_validate(yaml.safe_load(job.config_yaml))
         console.print(
@@ -74,18 +77,21 @@ def fuse(
     beat = Heartbeat(heartbeat, stale.interval_s, f"fusion job {cfg.name}")
     beat.start()
     try:
-        examples = prepare(cfg, say)
-        if cfg.workers:
-            model = train_on_ray(cfg, examples, Path(job.out_dir), url)
-        else:
-            model = train(
-                cfg,
-                examples,
-                Path(job.out_dir),
-                say,
-                on_checkpoint=lambda steps: _record(store, beat, cfg.name, steps),
-            )
-        evaluation = _evaluate(cfg, model, say) if cfg.evaluate else None
+        try:
+            examples = prepare(cfg, say)
+            if cfg.workers:
+                model = train_on_ray(cfg, examples, Path(job.out_dir), url)
+            else:
+                model = train(
+                    cfg,
+                    examples,
+                    Path(job.out_dir),
+                    say,
+                    on_checkpoint=lambda steps: _record(store, beat, cfg.name, steps),
+                )
+            evaluation = _evaluate(cfg, model, say) if cfg.evaluate else None
+        finally:  # before any status is written: a stop request's SIGTERM cannot cut it short
+            beat.stop()
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: resumable, not failed
         store.set_fusion_job(cfg.name, "stopped")
         again = f"evomerge fuse {config}" + (" --control" if control else "")
@@ -96,8 +102,6 @@ def fuse(
     except Exception as e:
         store.set_fusion_job(cfg.name, "failed", error=f"{type(e).__name__}: {e}")
         raise fail(f"fusion job {cfg.name!r} failed: {e}", 1) from e
-    finally:
-        beat.stop()
     store.set_fusion_job(cfg.name, "finished", evaluation=evaluation)
     console.print(f"fusion job [bold]{cfg.name}[/]: finished; the fused model is {model}")
     if evaluation:

@@ -26,7 +26,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("evomerge_fusion_jobs") as batch:
+    # recreate="never": rebuilding the table would cascade-delete its steps on SQLite
+    with op.batch_alter_table("evomerge_fusion_jobs", recreate="never") as batch:
         batch.drop_column("stop_request")
         batch.drop_column("heartbeat_at")
         batch.drop_column("host")
