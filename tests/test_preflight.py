@@ -186,7 +186,8 @@ def test_stop_and_cancel_from_the_command_line(store: Store, db_url: str):
     assert CliRunner().invoke(app, ["stop", "s", "--cancel", "--storage", url]).exit_code == 0
     assert store.stop_request("s") == "cancel"
     missing = CliRunner().invoke(app, ["stop", "nope", "--storage", url])
-    assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
+    said = " ".join(missing.output.split())
+    assert missing.exit_code == 2 and "no study or fusion job named 'nope'" in said
 
 
 @pytest.mark.parametrize(

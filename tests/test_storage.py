@@ -611,6 +611,7 @@ def _race_for_lease(url: str, barrier: Any, out: Any) -> None:
             out.put(store.start_run("s", os.getpid(), "host", stale_after_s=60))
         except StudyBusyError:
             out.put(None)
+        barrier.wait()  # alive until every contender tried: an exited winner's lease is free
 
 
 def test_two_processes_racing_for_the_lease_give_one_winner(store: Store, db_url: str) -> None:
